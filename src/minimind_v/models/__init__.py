@@ -1,0 +1,10 @@
+"""The architecture, one box per file: vision_tower -> projector -> language_model (attention, mlp, rope, norm) -> vlm."""
+
+from .language_model import MiniMindForCausalLM, MiniMindModel, MiniMindOutput
+from .projector import LinearProjector, MLPProjector, VisionEncoder, build_projector
+from .vision_tower import VisionTower, image2tensor, load_vision_tower, to_rgb
+from .vlm import MiniMindVLM, merge_image_features
+
+__all__ = ["MiniMindForCausalLM", "MiniMindModel", "MiniMindOutput", "LinearProjector", "MLPProjector",
+           "VisionEncoder", "build_projector", "VisionTower", "image2tensor", "load_vision_tower", "to_rgb",
+           "MiniMindVLM", "merge_image_features"]

@@ -1,0 +1,109 @@
+"""Grouped-query self-attention through `scaled_dot_product_attention`, and the masks it takes.
+
+The attention never builds its own mask: the model passes either `None` (plain causal: SDPA's `is_causal`, the
+FlashAttention path on GPU) or a boolean mask [B, 1, L, S] (True = may attend). `build_attention_mask` makes that
+mask from a 2D padding mask and the KV-cache offset; a packed row (several samples, block-diagonal causal mask with
+per-sample `position_ids`) passes its own 4D mask through the same argument, so packing needs no change here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+
+from ..config import MiniMindVConfig
+from .norm import RMSNorm
+from .rope import apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MiniMindVConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.dropout = config.head_dim, config.dropout
+        self.use_sdpa = config.flash_attn
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: Cache | None) -> torch.Tensor:
+        """x [B, L, hidden], cos/sin [B, 1, L, D], mask None or bool [B, 1, L, S] -> [B, L, hidden]."""
+        bsz, seq_len, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim)  # [B, L, H, D]
+        k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, L, Hkv, D]
+        v = self.v_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), L, D]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # [B, Hkv, S, D], S = past + L
+        is_causal = mask is None and seq_len > 1
+        dropout_p = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                                 enable_gqa=self.num_kv_heads != self.num_heads)
+        else:
+            out = eager_attention(q, k, v, mask, is_causal, dropout_p)
+        out = out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim)  # [B, L, H * D]
+        return self.resid_dropout(self.o_proj(out))
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                    dropout_p: float) -> torch.Tensor:
+    """Reference attention with explicit softmax (flash_attn=False): q [B, H, L, D], k/v [B, Hkv, S, D]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, D]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, L, S]
+    if is_causal:
+        mask = causal_mask(q.shape[2], k.shape[2] - q.shape[2], q.device)[None, None]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(F.softmax(scores.float(), dim=-1).type_as(q), p=dropout_p)
+    return probs @ v  # [B, H, L, D]
+
+
+def positions(seq_len: int, past_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute query positions [L, 1] and key positions [1, past + L]."""
+    q_pos = torch.arange(past_len, past_len + seq_len, device=device)[:, None]
+    return q_pos, torch.arange(past_len + seq_len, device=device)[None, :]
+
+
+def causal_mask(seq_len: int, past_len: int, device: torch.device) -> torch.Tensor:
+    """bool [L, past + L]: query i (at absolute position past + i) may see keys 0 .. past + i."""
+    q_pos, k_pos = positions(seq_len, past_len, device)
+    return k_pos <= q_pos
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, seq_len: int, past_len: int,
+                         device: torch.device) -> torch.Tensor | None:
+    """Turn the caller's mask into what `Attention` takes.
+
+    attention_mask: None, a padding mask [B, past + L] (1 = token, 0 = padding), or a ready bool/0-1 mask
+    [B, 1, L, past + L] (e.g. block-diagonal for packed rows). Returns None when plain causal attention is exact.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[1] != past_len + seq_len:
+            raise ValueError(f"attention_mask must be [batch, past + new tokens] = [*, {past_len + seq_len}], "
+                             f"got {list(attention_mask.shape)}")
+        if bool(attention_mask.all()):
+            attention_mask = None
+    if attention_mask is None:  # no padding: SDPA's is_causal is exact unless new tokens follow a cache
+        return causal_mask(seq_len, past_len, device)[None, None] if past_len > 0 and seq_len > 1 else None
+    q_pos, k_pos = positions(seq_len, past_len, device)
+    keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+    # a padding query sees only itself, so no row is all -inf (no NaN); its output is never used
+    return ((k_pos <= q_pos) & keys) | (k_pos == q_pos)  # [B, 1, L, S]
