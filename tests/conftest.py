@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random vision towers and a tiny byte-level tokenizer, built and saved by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerFast, SiglipImageProcessorPil,
+                          SiglipVisionConfig, SiglipVisionModel)
+
+from minimind_v import MiniMindVConfig
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_clip(path, hidden: int = 32, image_size: int = 32, patch: int = 8, heads: int = 4):
+    """A full random CLIPModel folder (text half included, as openai/clip-vit-base-patch16) + its processor."""
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=64, max_position_embeddings=16),
+        vision_config=dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=heads,
+                           image_size=image_size, patch_size=patch),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return str(path)
+
+
+def save_siglip(path, hidden: int = 32, image_size: int = 32, patch: int = 8):
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                image_size=image_size, patch_size=patch)
+    SiglipVisionModel(config).save_pretrained(path)
+    SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return str(path)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges: 3 ChatML specials, then the 256 byte symbols (so '@' is id 34, as in MiniMind)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=259, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["hello world"], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", model_max_length=4096)
+    fast.chat_template = CHATML
+    assert fast.convert_tokens_to_ids("@") == 34
+    return fast
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    return save_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="session")
+def siglip_dir(tmp_path_factory):
+    return save_siglip(tmp_path_factory.mktemp("siglip"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def tiny_config(**overrides) -> MiniMindVConfig:
+    """A 2-layer, 64-wide VLM config matching the 32-wide, 16-token tiny towers above."""
+    base = dict(vocab_size=300, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                intermediate_size=128, max_position_embeddings=512, image_special_token="@" * 16,
+                image_ids=[34] * 16, ve_hidden_size=32)
+    return MiniMindVConfig(**{**base, **overrides})
