@@ -1,0 +1,47 @@
+"""Device and dtype setup, in one place.
+
+Dtype policy: parameters stay in fp32 (the master copy the optimiser updates); compute runs under autocast in bf16 on
+GPUs that support it, fp16 (with a GradScaler in training) on older GPUs, and fp32 on the CPU. The frozen vision tower
+may be cast to the compute dtype, since it is never trained.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """'auto' -> cuda if available, else mps, else cpu; anything else is taken as a torch device string."""
+    if preference != "auto":
+        device = torch.device(preference)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {preference!r} was asked for but CUDA is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def compute_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
+    """The autocast dtype for `device`: bf16 where supported on CUDA, else fp16 on CUDA, fp32 elsewhere."""
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if preference != "auto":
+        if preference not in names:
+            raise ValueError(f"unknown dtype {preference!r}; choose one of auto, {', '.join(names)}")
+        return names[preference]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def memory_report(device: torch.device) -> str:
+    """Allocated / reserved memory on a GPU, resident memory of this process otherwise."""
+    if device.type == "cuda":
+        allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+        return f"GPU memory: {allocated / 2**20:.1f} MiB allocated / {reserved / 2**20:.1f} MiB reserved"
+    import psutil
+
+    return f"process memory (RSS): {psutil.Process().memory_info().rss / 2**20:.1f} MiB"
