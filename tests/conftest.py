@@ -20,7 +20,7 @@ def save_clip(path, hidden: int = 32, image_size: int = 32, patch: int = 8, head
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=64, max_position_embeddings=16),
+                         vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
         vision_config=dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=heads,
                            image_size=image_size, patch_size=patch),
         projection_dim=16)

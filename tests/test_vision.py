@@ -1,0 +1,93 @@
+"""Vision towers from local Hugging Face folders, and image conversion to RGB."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPVisionModel, SiglipVisionModel
+
+from conftest import save_clip, save_siglip
+from minimind_v import load_vision_tower
+from minimind_v.models.vision_tower import image2tensor, to_rgb
+
+
+def test_clip_full_folder_drops_cls(clip_dir):
+    tower = load_vision_tower(clip_dir)
+    assert (tower.num_tokens, tower.hidden_size, tower.drop_cls) == (16, 32, True)
+    assert not any(p.requires_grad for p in tower.parameters())
+    pixels = torch.randn(3, 3, 32, 32)
+    features = tower(pixels)
+    assert features.shape == (3, 16, 32)
+    reference = CLIPVisionModel.from_pretrained(clip_dir).eval()
+    torch.testing.assert_close(features, reference(pixel_values=pixels).last_hidden_state[:, 1:])
+
+
+def test_clip_vit_b16_geometry_gives_196_tokens(tmp_path):
+    tower = load_vision_tower(save_clip(tmp_path, hidden=32, image_size=224, patch=16))
+    assert tower.num_tokens == 196
+    assert tower(torch.randn(1, 3, 224, 224)).shape == (1, 196, 32)
+
+
+def test_siglip_keeps_all_patch_tokens(siglip_dir):
+    tower = load_vision_tower(siglip_dir)
+    assert (tower.num_tokens, tower.drop_cls) == (16, False)
+    pixels = torch.randn(2, 3, 32, 32)
+    reference = SiglipVisionModel.from_pretrained(siglip_dir).eval()
+    torch.testing.assert_close(tower(pixels), reference(pixel_values=pixels).last_hidden_state)
+
+
+def test_tower_stays_frozen_in_eval_mode(clip_dir):
+    tower = load_vision_tower(clip_dir)
+    tower.train()
+    assert not tower.training and not tower.encoder.training
+
+
+def test_missing_or_wrong_folder_is_a_clear_error(tmp_path, clip_dir):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_vision_tower(tmp_path / "nowhere")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        load_vision_tower(tmp_path / "bert")
+    with pytest.raises(ValueError, match="not a supported siglip"):
+        load_vision_tower(clip_dir, kind="siglip")
+
+
+def test_tower_with_missing_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = save_siglip(tmp_path / "s")
+    weights = load_file(f"{path}/model.safetensors")
+    dropped = next(k for k in weights if "layer_norm1.weight" in k)
+    del weights[dropped]
+    save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing keys"):
+        load_vision_tower(path)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "CMYK", "L", "1", "I;16", "I", "F", "YCbCr"])
+def test_every_image_mode_becomes_rgb(mode):
+    rng = np.random.default_rng(0)
+    if mode in ("I;16", "I", "F"):
+        dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+        image = Image.fromarray((rng.random((20, 30)) * 60000).astype(dtype))
+        assert image.mode == mode
+    else:
+        image = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert(mode)
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == (30, 20)
+    if mode == "I;16":  # 16-bit spans the 8-bit range after rescaling, instead of clipping to white
+        values = np.asarray(rgb)
+        assert values.min() == 0 and values.max() == 255
+
+
+def test_image2tensor_shape_and_bad_input(clip_dir):
+    tower = load_vision_tower(clip_dir)
+    image = Image.fromarray(np.zeros((50, 70, 4), dtype=np.uint8), mode="RGBA")
+    assert image2tensor(image, tower.processor).shape == (1, 3, 32, 32)
+    with pytest.raises(TypeError, match="PIL.Image.Image"):
+        image2tensor(np.zeros((4, 4, 3)), tower.processor)
+    with pytest.raises(ValueError, match="no image processor"):
+        image2tensor(image, None)
