@@ -266,3 +266,17 @@ def test_yarn_scaling_changes_only_low_frequencies():
     torch.testing.assert_close(yarn[-1], plain[-1] / 16)  # slowest pair stretched by the factor
     model = lm(inference_rope_scaling=True, max_position_embeddings=32768)
     assert torch.isfinite(model(torch.randint(3, 300, (1, 8))).logits).all()
+
+
+def test_packed_row_with_block_diagonal_mask_equals_separate_samples():
+    """The attention takes a ready 4D mask and per-sample positions, which is all sequence packing needs."""
+    model = lm(qk_norm=True)
+    a, b = torch.randint(3, 300, (1, 5)), torch.randint(3, 300, (1, 4))
+    packed = torch.cat([a, b], dim=1)  # [1, 9]: two samples in one row
+    segment = torch.tensor([0] * 5 + [1] * 4)
+    causal = torch.ones(9, 9).tril().bool()
+    mask = (causal & (segment[:, None] == segment[None, :]))[None, None]  # block-diagonal causal [1, 1, 9, 9]
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    out = model(packed, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(out[:, :5], model(a).logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[:, 5:], model(b).logits, atol=1e-5, rtol=1e-4)
