@@ -48,6 +48,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .export import convert
+
+    print(convert(args.source, args.target, vision=args.vision, tokenizer=args.tokenizer,
+                  remote_code=args.remote_code, **parse_overrides(args.set)))
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in PRESETS:
         config = MiniMindVConfig.from_name(name)
@@ -69,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--vision", help="local CLIP/SigLIP folder for the vision tower")
     diag.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     diag.set_defaults(func=cmd_diagnose)
+    conv = sub.add_parser("convert", help="original .pth <-> Hugging Face folder (or a self-contained export)",
+                          description="SOURCE.pth -> TARGET folder, or SOURCE folder -> TARGET.pth (original layout).")
+    conv.add_argument("source", help="an original MiniMind-V .pth, or a folder written by this project")
+    conv.add_argument("target", help="the folder to write, or the .pth to write")
+    conv.add_argument("--vision", help="local CLIP/SigLIP folder of the vision tower (for .pth sources)")
+    conv.add_argument("--tokenizer", help="the original tokenizer folder, copied into the target folder")
+    conv.add_argument("--remote-code", action="store_true",
+                      help="write a self-contained folder (tower weights and modeling code included) that "
+                           "AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) loads anywhere")
+    conv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config fields the weights cannot tell (e.g. num_attention_heads for MiniMind2-V)")
+    conv.set_defaults(func=cmd_convert)
     presets = sub.add_parser("presets", help="list the named model presets")
     presets.set_defaults(func=cmd_presets)
     return parser

@@ -80,6 +80,7 @@ class MiniMindVConfig(PretrainedConfig):
     projector_type: str = "linear"
     vision_tower_path: str | None = None  # local Hugging Face folder of the frozen vision tower
     vision_tower_kind: str = "auto"
+    vision_config: dict | None = None  # the tower's own HF config when its weights travel inside the checkpoint
 
     def __post_init__(self, **kwargs: Any) -> None:
         unknown = set(kwargs) - _HF_PASSTHROUGH_KEYS - set(GenerationConfig._get_default_generation_params())

@@ -45,6 +45,30 @@ class VisionTower(nn.Module):
         return hidden[:, 1:, :] if self.drop_cls else hidden  # CLIP: drop CLS -> [N, patches, D]
 
 
+def _encoder_class(model_type: str, kind: str, where: str) -> tuple[type[PreTrainedModel], bool]:
+    """(encoder class, drop CLS) for a tower's model_type; `kind` may insist on clip or siglip."""
+    if kind == "auto":
+        kind = "clip" if model_type in _CLIP_TYPES else "siglip" if model_type in _SIGLIP_TYPES else model_type
+    if kind == "clip" and model_type in _CLIP_TYPES:
+        return CLIPVisionModel, True
+    if kind == "siglip" and model_type in _SIGLIP_TYPES:
+        return SiglipVisionModel, False
+    raise ValueError(f"vision tower at {where} has model_type {model_type!r}, which is not a supported "
+                     f"{kind if kind in ('clip', 'siglip') else 'CLIP or SigLIP'} model (supported: "
+                     f"{sorted(_CLIP_TYPES | _SIGLIP_TYPES)}; SigLIP2 NaFlex folders are not supported)")
+
+
+def _tower(encoder: PreTrainedModel, processor: object, drop_cls: bool) -> VisionTower:
+    config = encoder.config
+    return VisionTower(encoder, processor, config.hidden_size, (config.image_size // config.patch_size) ** 2, drop_cls)
+
+
+def vision_tower_from_config(vision_config: dict) -> VisionTower:
+    """An (unloaded) tower from the encoder config stored in a self-contained checkpoint; weights come with it."""
+    encoder_cls, drop_cls = _encoder_class(vision_config.get("model_type", ""), "auto", "config.vision_config")
+    return _tower(encoder_cls(encoder_cls.config_class(**vision_config)), None, drop_cls)
+
+
 def load_vision_tower(path: str | os.PathLike, kind: str = "auto") -> VisionTower:
     """Load a CLIP or SigLIP vision tower from a local Hugging Face folder (strictly: no missing weights)."""
     path = os.fspath(path)
@@ -54,21 +78,13 @@ def load_vision_tower(path: str | os.PathLike, kind: str = "auto") -> VisionTowe
                                 "SigLIP folder is expected; nothing is downloaded)")
     with open(config_file, encoding="utf-8") as f:
         model_type = json.load(f).get("model_type", "")
-    if kind == "auto":
-        kind = "clip" if model_type in _CLIP_TYPES else "siglip" if model_type in _SIGLIP_TYPES else model_type
-    if kind == "clip" and model_type in _CLIP_TYPES:
-        encoder_cls, drop_cls = CLIPVisionModel, True
-    elif kind == "siglip" and model_type in _SIGLIP_TYPES:
-        encoder_cls, drop_cls = SiglipVisionModel, False
-    else:
-        raise ValueError(f"vision tower at {path!r} has model_type {model_type!r}, which is not a supported "
-                         f"{kind if kind in ('clip', 'siglip') else 'CLIP or SigLIP'} model (supported: "
-                         f"{sorted(_CLIP_TYPES | _SIGLIP_TYPES)}; SigLIP2 NaFlex folders are not supported)")
-    encoder = _load_strict(encoder_cls, path)
-    vision_config = encoder.config
-    num_tokens = (vision_config.image_size // vision_config.patch_size) ** 2
-    processor = AutoImageProcessor.from_pretrained(path, backend="pil")
-    return VisionTower(encoder, processor, vision_config.hidden_size, num_tokens, drop_cls)
+    encoder_cls, drop_cls = _encoder_class(model_type, kind, repr(path))
+    return _tower(_load_strict(encoder_cls, path), load_image_processor(path), drop_cls)
+
+
+def load_image_processor(path: str | os.PathLike) -> object:
+    """The folder's image processor, PIL backend (the same pixels everywhere, torchvision or not)."""
+    return AutoImageProcessor.from_pretrained(path, backend="pil")
 
 
 def _load_strict(encoder_cls: type[PreTrainedModel], path: str) -> PreTrainedModel:

@@ -4,8 +4,10 @@
     input_ids [B, L] -> embed_tokens -> [B, L, hidden]; the placeholder positions (input_ids == image token id, T per
     image, in reading order) are overwritten with the image features by `masked_scatter` -> language model -> logits
 
-Images are encoded at prefill only (never again once the KV cache holds them). The vision tower is not part of the
-saved checkpoint: `save_pretrained` leaves it out and `from_pretrained` reloads it from `config.vision_tower_path`.
+Images are encoded at prefill only (never again once the KV cache holds them). By default the frozen vision tower is
+not part of the saved checkpoint: `save_pretrained` leaves it out and `from_pretrained` reloads it from
+`config.vision_tower_path`. After `embed_vision_tower()` (used by the self-contained export) its weights travel in the
+checkpoint and `config.vision_config` describes it, as LLaVA-style Hugging Face models do.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from transformers.cache_utils import Cache
 from ..config import MiniMindVConfig
 from .language_model import MiniMindForCausalLM, MiniMindOutput
 from .projector import build_projector
-from .vision_tower import VisionTower, image2tensor, load_vision_tower
+from .vision_tower import (VisionTower, image2tensor, load_image_processor, load_vision_tower,
+                           vision_tower_from_config)
 
 logger = logging.getLogger(__name__)
 _FROM_CONFIG = "<from config>"
@@ -39,6 +42,9 @@ class MiniMindVLM(MiniMindForCausalLM):
         self.vision_proj = build_projector(config)
         self.post_init()
         self.vision_tower: VisionTower | None = None
+        if config.vision_config is not None:  # an embedded tower: built here, weights loaded with the checkpoint
+            self.attach_vision_tower(vision_tower_from_config(config.vision_config))
+            return
         path = config.vision_tower_path if vision_model_path == _FROM_CONFIG else vision_model_path
         tower, _ = self.get_vision_model(path, config.vision_tower_kind) if path else (None, None)
         if tower is not None:
@@ -124,13 +130,23 @@ class MiniMindVLM(MiniMindForCausalLM):
     def vision_proj_dtype(self) -> torch.dtype:
         return next(self.vision_proj.parameters()).dtype
 
-    # --- Hugging Face save / load: the frozen tower is never written, always reloaded from its folder ---
+    # --- Hugging Face save / load: the frozen tower is reloaded from its folder unless it is embedded ---
     def state_dict_without_tower(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith(TOWER_PREFIX)}
 
+    def embed_vision_tower(self) -> None:
+        """Make checkpoints self-contained: the tower's weights and config are saved with the model from now on."""
+        if self.vision_tower is None:
+            raise ValueError("the model has no vision tower to embed")
+        self.config.vision_config = self.vision_tower.encoder.config.to_dict()
+        self.config.vision_tower_path = None
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        kwargs.setdefault("state_dict", self.state_dict_without_tower())
+        embedded = self.config.vision_config is not None
+        kwargs.setdefault("state_dict", self.state_dict() if embedded else self.state_dict_without_tower())
         super().save_pretrained(save_directory, *args, **kwargs)
+        if embedded and self.processor is not None:
+            self.processor.save_pretrained(save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args,
@@ -140,6 +156,9 @@ class MiniMindVLM(MiniMindForCausalLM):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, vision_model_path=None,
                                               output_loading_info=True, **kwargs)
         check_loading_info(info, pretrained_model_name_or_path)
+        if model.config.vision_config is not None:  # embedded tower: loaded above; its processor sits beside it
+            model.vision_tower.processor = load_image_processor(pretrained_model_name_or_path)
+            return (model, info) if want_info else model
         path = model.config.vision_tower_path if vision_model_path == _FROM_CONFIG else vision_model_path
         if path:
             if not os.path.isdir(path):

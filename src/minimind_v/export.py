@@ -1,0 +1,95 @@
+"""Hugging Face folders: this project's format, the self-contained remote-code export, and `convert` between them
+and original `.pth` checkpoints.
+
+- `save_hf_folder`: model (safetensors + config; the tower referenced by path), tokenizer, image processor.
+- `export_remote_code`: the same plus the vision tower's weights and the modeling code itself, so that
+  `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where only torch, transformers and
+  pillow are installed (the way Hugging Face remote-code models travel); push it with `huggingface-cli upload`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from .checkpoints import load_original, save_original
+from .models.vlm import MiniMindVLM
+
+PACKAGE_DIR = Path(__file__).parent
+CONFIG_MODULE = "configuration_minimind_v"
+MODELING_MODULE = "modeling_minimind_v"
+# the modeling files, in dependency order; they land flat in the export folder
+MODEL_FILES = ("norm.py", "rope.py", "attention.py", "mlp.py", "language_model.py", "projector.py",
+               "vision_tower.py", "vlm.py")
+
+
+def save_hf_folder(model: MiniMindVLM, out: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """model.save_pretrained + the tokenizer (copied through transformers, chat template included) + processor."""
+    model.save_pretrained(out)
+    if model.processor is not None:
+        model.processor.save_pretrained(out)
+    if tokenizer_dir is not None:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+
+
+def export_remote_code(model: MiniMindVLM, out: str | os.PathLike,
+                       tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """A self-contained folder: weights (tower included), config with auto_map, tokenizer, processor, code."""
+    if model.vision_tower is None:
+        raise ValueError("export needs a model with its vision tower (pass the tower folder)")
+    exported = copy.deepcopy(model)
+    exported.embed_vision_tower()
+    exported.config.auto_map = {"AutoConfig": f"{CONFIG_MODULE}.MiniMindVConfig",
+                                "AutoModelForCausalLM": f"{MODELING_MODULE}.MiniMindVLM"}
+    save_hf_folder(exported, out, tokenizer_dir)
+    write_modeling_code(Path(out))
+
+
+def write_modeling_code(out: Path) -> None:
+    """Copy the package's modeling files flat into `out`, with imports rewritten to siblings."""
+    (out / f"{CONFIG_MODULE}.py").write_text((PACKAGE_DIR / "config.py").read_text(encoding="utf-8"),
+                                            encoding="utf-8")
+    for name in MODEL_FILES:
+        source = (PACKAGE_DIR / "models" / name).read_text(encoding="utf-8")
+        (out / name).write_text(re.sub(r"from \.\.config import", f"from .{CONFIG_MODULE} import", source),
+                                encoding="utf-8")
+    (out / f"{MODELING_MODULE}.py").write_text(
+        '"""MiniMind-V remote code: the classes transformers loads with trust_remote_code=True."""\n\n'
+        "from .language_model import MiniMindForCausalLM, MiniMindModel  # noqa: F401\n"
+        "from .vlm import MiniMindVLM  # noqa: F401\n", encoding="utf-8")
+
+
+def convert(source: str | os.PathLike, target: str | os.PathLike, vision: str | None = None,
+            tokenizer: str | None = None, remote_code: bool = False, **overrides: Any) -> str:
+    """`.pth` -> folder (this project's, or the remote-code export), or folder -> `.pth`. Returns what it did."""
+    source, target = os.fspath(source), os.fspath(target)
+    if os.path.isdir(source) and not remote_code:
+        if not target.endswith((".pth", ".pt")):
+            raise ValueError(f"converting the folder {source!r} writes an original checkpoint: name it *.pth "
+                             "(or pass --remote-code for a self-contained export)")
+        model = MiniMindVLM.from_pretrained(source, vision_model_path=None)
+        save_original(model, target)
+        return f"wrote original checkpoint {target} ({sum(p.numel() for p in model.parameters()):,} parameters)"
+    if os.path.isdir(source):
+        vision_kw = {"vision_model_path": vision} if vision else {}
+        model = MiniMindVLM.from_pretrained(source, **vision_kw)
+        tokenizer = tokenizer or (source if os.path.isfile(os.path.join(source, "tokenizer_config.json")) else None)
+    else:
+        model = load_original(source, vision_model_path=vision, **overrides)
+    if remote_code:
+        export_remote_code(model, target, tokenizer)
+    else:
+        save_hf_folder(model, target, tokenizer)
+    kind = "self-contained remote-code folder" if remote_code else "Hugging Face folder"
+    return f"wrote {kind} {target} (MiniMind generation detected from {os.path.basename(source)})"
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Identical keys, dtypes and values."""
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
