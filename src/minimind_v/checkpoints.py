@@ -19,21 +19,18 @@ from typing import Any
 
 import torch
 
-from .config import MiniMindVConfig
+from .config import PRESETS, MiniMindVConfig
+from .models.vision_tower import load_vision_tower
 from .models.vlm import TOWER_PREFIX, MiniMindVLM
 
 logger = logging.getLogger(__name__)
 
-# What the weights cannot tell: the originals' own settings per generation (overridable by keyword).
+# config fields that the weights decide; everything else comes from the generation's preset (or overrides)
+_FROM_WEIGHTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim",
+                 "intermediate_size", "ve_hidden_size")
 GENERATION_DEFAULTS: dict[int, dict[str, Any]] = {
-    2: dict(num_attention_heads=8, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768,
-            image_special_token="@" * 196, image_ids=[34] * 196, projector_type="linear",
-            vision_tower_kind="clip", num_experts_per_token=2, norm_topk_prob=True, aux_loss_alpha=0.01),
-    3: dict(rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, qk_norm=True,
-            image_special_token="<|image_pad|>", image_ids=[12], image_token_len=64, projector_type="mlp",
-            vision_tower_kind="siglip", num_experts_per_token=1, norm_topk_prob=True, moe_renorm_top1=True,
-            aux_loss_alpha=5e-4),
-}
+    generation: {k: v for k, v in PRESETS[preset].items() if k not in _FROM_WEIGHTS}
+    for generation, preset in ((2, "minimind2-v"), (3, "minimind-3v"))}
 # config fields that decide tensor shapes: a given config must agree with the checkpoint on these
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "intermediate_size", "qk_norm", "use_moe", "n_routed_experts", "n_shared_experts",
@@ -70,7 +67,10 @@ def detect_config(state: dict[str, torch.Tensor], **overrides: Any) -> MiniMindV
     q_out = state["model.layers.0.self_attn.q_proj.weight"].shape[0]
     if generation == 3:
         head_dim = state["model.layers.0.self_attn.q_norm.weight"].shape[0]
-        fields.setdefault("num_attention_heads", q_out // head_dim)
+        fields["num_attention_heads"] = overrides.get("num_attention_heads", q_out // head_dim)
+    elif "num_attention_heads" not in overrides:
+        logger.info("MiniMind2-V checkpoints do not record their head count: assuming %d heads, as every released "
+                    "model has (pass num_attention_heads=... otherwise)", fields["num_attention_heads"])
     head_dim = q_out // fields["num_attention_heads"]
     fields.update(vocab_size=vocab_size, hidden_size=hidden_size, head_dim=head_dim,
                   num_hidden_layers=1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layers.")),
@@ -110,10 +110,15 @@ def load_original(path: str | os.PathLike, vision_model_path: str | None = None,
                   config: MiniMindVConfig | None = None, **overrides: Any) -> MiniMindVLM:
     """Build the matching MiniMindVLM (fp32) and load an original `.pth` into it strictly."""
     state = read_original(path)
+    tower = load_vision_tower(vision_model_path) if vision_model_path else None
+    if tower is not None and not any(k.startswith("vision_proj.") for k in state):
+        overrides.setdefault("ve_hidden_size", tower.hidden_size)  # LLM-only file: the projector fits the tower
     detected = detect_config(state, **overrides)
     if config is not None:
         check_same_shapes(config, detected)
-    model = MiniMindVLM(config if config is not None else detected, vision_model_path=vision_model_path)
+    model = MiniMindVLM(config if config is not None else detected, vision_model_path=None)
+    if tower is not None:
+        model.attach_vision_tower(tower, vision_model_path)
     load_state_strict(model, state, source=os.fspath(path))
     return model.eval()
 

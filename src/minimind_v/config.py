@@ -164,7 +164,8 @@ _MINIMIND2_V = dict(vocab_size=6400, hidden_size=512, num_attention_heads=8, num
 _MINIMIND_3V = dict(vocab_size=6400, hidden_size=768, num_attention_heads=8, num_key_value_heads=4,
                     num_hidden_layers=8, intermediate_size=2432, max_position_embeddings=32768, rope_theta=1e6,
                     rms_norm_eps=1e-6, qk_norm=True, image_special_token="<|image_pad|>", image_ids=[12],
-                    image_token_len=64, ve_hidden_size=768, projector_type="mlp", vision_tower_kind="siglip")
+                    image_token_len=64, ve_hidden_size=768, projector_type="mlp", vision_tower_kind="siglip",
+                    num_experts_per_token=1, n_shared_experts=0, moe_renorm_top1=True, aux_loss_alpha=5e-4)
 
 _OWN_FIELDS = set(MiniMindVConfig.__annotations__)
 
@@ -185,8 +186,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "minimind2-v-moe": {**_MINIMIND2_V, "use_moe": True, "num_experts_per_token": 2, "n_routed_experts": 4,
                         "n_shared_experts": 1},
     "minimind-3v": _MINIMIND_3V,  # SigLIP B/32-256, 64 tokens, LayerNorm+MLP projector, q/k norm
-    "minimind-3v-moe": {**_MINIMIND_3V, "use_moe": True, "num_experts_per_token": 1, "n_routed_experts": 4,
-                        "n_shared_experts": 0, "moe_renorm_top1": True, "aux_loss_alpha": 5e-4},
+    "minimind-3v-moe": {**_MINIMIND_3V, "use_moe": True, "n_routed_experts": 4},
 }
 
 
