@@ -21,7 +21,7 @@ import torch
 
 from .config import PRESETS, MiniMindVConfig
 from .models.vision_tower import load_vision_tower
-from .models.vlm import TOWER_PREFIX, MiniMindVLM
+from .models.vlm import TOWER_PREFIX, MiniMindVLM, key_mismatch_error
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +138,7 @@ def load_state_strict(model: MiniMindVLM, state: dict[str, torch.Tensor], source
     wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
              if state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"checkpoint {source} does not match the model: " + "; ".join(
-            f"{name} keys: {keys}" for name, keys in (("missing", missing), ("unexpected", unexpected),
-                                                     ("shape-mismatched", wrong)) if keys))
+        raise key_mismatch_error(source, {"missing": missing, "unexpected": unexpected, "shape-mismatched": wrong})
     tower = {k: v for k, v in model.state_dict().items() if k.startswith(TOWER_PREFIX)}
     model.load_state_dict({**{k: v.to(own[k].dtype) for k, v in state.items()}, **tower}, strict=True)
 

@@ -170,11 +170,16 @@ class MiniMindVLM(MiniMindForCausalLM):
 
 
 def check_loading_info(info: dict, source: object) -> None:
-    problems = {name: sorted(str(k) for k in info.get(f"{name}_keys", ())) for name in
-                ("missing", "unexpected", "mismatched")}
-    if any(problems.values()):
-        raise ValueError(f"checkpoint {source} does not match the model: " +
-                         "; ".join(f"{name} keys: {keys}" for name, keys in problems.items() if keys))
+    groups = {name: sorted(str(k) for k in info.get(f"{name}_keys", ())) for name in
+              ("missing", "unexpected", "mismatched")}
+    if any(groups.values()):
+        raise key_mismatch_error(source, groups)
+
+
+def key_mismatch_error(source: object, groups: dict[str, list[str]]) -> ValueError:
+    """One message for every strict load: each non-empty group of offending keys, named."""
+    return ValueError(f"checkpoint {source} does not match the model: " +
+                      "; ".join(f"{name} keys: {keys}" for name, keys in groups.items() if keys))
 
 
 def merge_image_features(embeds: torch.Tensor, input_ids: torch.LongTensor, features: torch.Tensor,
