@@ -193,3 +193,13 @@ def test_padded_image_batch_equals_each_sample_alone(clip_dir):
     batch = model(ids, pixel_values=pixels, attention_mask=mask).logits
     torch.testing.assert_close(batch[0], model(a, pixel_values=pixels[:1]).logits[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(batch[1, 3:], model(b, pixel_values=pixels[1:]).logits[0], atol=1e-5, rtol=1e-4)
+
+
+def test_precomputed_image_features_equal_pixels(clip_dir):
+    model = vlm(clip_dir)
+    ids, pixels = prompt(1, "img", 2), torch.randn(1, 1, 3, 32, 32)
+    features = model.vision_tower(pixels[0])  # [1, 16, 32]
+    torch.testing.assert_close(model(ids, image_features=features).logits, model(ids, pixel_values=pixels).logits)
+    greedy = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.generate(ids, image_features=features, **greedy),
+                       model.generate(ids, pixel_values=pixels, **greedy))

@@ -101,13 +101,17 @@ class MiniMindVLM(MiniMindForCausalLM):
                 attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
                 labels: torch.LongTensor | None = None, position_ids: torch.LongTensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs) -> MiniMindOutput:
+                inputs_embeds: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                **kwargs) -> MiniMindOutput:
+        """image_features [num_images, T, ve]: the tower's output, precomputed (e.g. from a feature cache), used
+        instead of pixel_values."""
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.model.embed_tokens(input_ids)  # [B, L, H]
             past_len = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
-            if pixel_values is not None and past_len == 0:  # images only at prefill
-                inputs_embeds = merge_image_features(inputs_embeds, input_ids, self.encode_images(pixel_values),
-                                                     self.config.image_token_id)
+            if past_len == 0 and (pixel_values is not None or image_features is not None):  # images at prefill
+                projected = (self.encode_images(pixel_values) if image_features is None
+                             else self.vision_proj(image_features.to(self.vision_proj_dtype)))
+                inputs_embeds = merge_image_features(inputs_embeds, input_ids, projected, self.config.image_token_id)
         hidden, cache, aux_loss = self.model(None, attention_mask, position_ids, past_key_values, inputs_embeds,
                                              use_cache)
         return self._head(hidden, cache, aux_loss, labels, logits_to_keep)
