@@ -56,6 +56,110 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .train import TrainArgs, Trainer
+
+    fields = {f.name for f in dataclasses.fields(TrainArgs)} - {"overrides", "loggers", "evaluate"}
+    train_args = TrainArgs(**{name: getattr(args, name) for name in fields},
+                           overrides=parse_overrides(args.set), loggers=args.log)
+    if args.eval_data:
+        train_args.evaluate = _evaluator(args.eval_data, args.image_root, args.eval_limit, train_args)
+    summary = Trainer(train_args).run()
+    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}))
+    print(summary["skipped"])
+    return 0
+
+
+def _evaluator(path: str, image_root: str | None, limit: int | None, train_args):
+    from .evaluate import evaluate, load_qa_jsonl
+
+    items = load_qa_jsonl(path, image_root)[:limit]
+
+    def run(model) -> dict:
+        from .tokenizer import load_tokenizer
+
+        report = evaluate(model, load_tokenizer(train_args.tokenizer or train_args.from_weight), items)
+        return {"eval_accuracy": report["accuracy"]}
+
+    return run
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, load_qa_jsonl
+    from .models.vlm import MiniMindVLM
+    from .tokenizer import load_tokenizer
+
+    items = load_qa_jsonl(args.data, args.image_root)[:args.limit]
+    model = MiniMindVLM.from_pretrained(args.model).eval()
+    report = evaluate(model, load_tokenizer(args.tokenizer or args.model), items, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from .tokenizer import train_from_files
+
+    print(train_from_files(args.data, args.vocab_size, args.out))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.out, args.size)
+    return 0 if report["total"] else 1
+
+
+def add_train_parser(sub) -> None:
+    import dataclasses
+
+    from .train import STAGES, TrainArgs
+
+    train = sub.add_parser("train", help="one training loop for every stage: " + ", ".join(STAGES))
+    train.add_argument("stage", choices=list(STAGES))
+    for f in dataclasses.fields(TrainArgs):
+        if f.name in ("stage", "overrides", "loggers", "evaluate"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            train.add_argument(flag, action="store_true", default=f.default)
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+            default = None if f.default is dataclasses.MISSING else f.default
+            train.add_argument(flag, type=kind, default=default, required=f.name in ("data", "out_dir"))
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config field of a new model")
+    train.add_argument("--log", action="append", default=[], choices=["wandb", "swanlab", "tensorboard"])
+    train.add_argument("--eval-data", help="question/answer JSONL evaluated every --eval-every steps")
+    train.add_argument("--eval-limit", type=int, default=200)
+    train.set_defaults(func=cmd_train)
+
+
+def add_other_parsers(sub) -> None:
+    ev = sub.add_parser("eval", help="exact-match accuracy of generated answers on a question/answer JSONL")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", required=True, help='JSONL of {"question", "answer", "image", "type"}')
+    ev.add_argument("--image-root")
+    ev.add_argument("--tokenizer")
+    ev.add_argument("--limit", type=int)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.set_defaults(func=cmd_eval)
+    tok = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok_sub = tok.add_subparsers(dest="action", required=True)
+    tok_train = tok_sub.add_parser("train", help="train a byte-level BPE with ChatML and image placeholder tokens")
+    tok_train.add_argument("--data", nargs="+", required=True, help=".txt, .jsonl or .parquet files")
+    tok_train.add_argument("--vocab-size", type=int, default=6400)
+    tok_train.add_argument("--out", required=True)
+    tok_train.set_defaults(func=cmd_tokenizer)
+    demo = sub.add_parser("demo", help="train a VLM end to end on the CPU from packaged data (easy-vqa)")
+    demo.add_argument("--out", default="minimind-v-demo")
+    demo.add_argument("--size", default="default", choices=["default", "large", "quick"])
+    demo.set_defaults(func=cmd_demo)
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in PRESETS:
         config = MiniMindVConfig.from_name(name)
@@ -89,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config fields the weights cannot tell (e.g. num_attention_heads for MiniMind2-V)")
     conv.set_defaults(func=cmd_convert)
+    add_train_parser(sub)
+    add_other_parsers(sub)
     presets = sub.add_parser("presets", help="list the named model presets")
     presets.set_defaults(func=cmd_presets)
     return parser

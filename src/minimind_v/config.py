@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 from transformers.generation import GenerationConfig
 
 PROJECTOR_TYPES = ("linear", "mlp")
-VISION_TOWER_KINDS = ("auto", "clip", "siglip")
+VISION_TOWER_KINDS = ("auto", "clip", "siglip", "efficientnet")
 
 # Keys that transformers itself passes through `__init__(**kwargs)` (loading, saving, generation, remote code).
 _HF_PASSTHROUGH_KEYS = {

@@ -45,3 +45,32 @@ def memory_report(device: torch.device) -> str:
     import psutil
 
     return f"process memory (RSS): {psutil.Process().memory_info().rss / 2**20:.1f} MiB"
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank). Under `torchrun` (WORLD_SIZE > 1) this joins the process group: NCCL on
+    GPUs, Gloo on the CPU. A single process needs no group."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (identity in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+    return value

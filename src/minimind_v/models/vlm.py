@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache
 from ..config import MiniMindVConfig
 from .language_model import MiniMindForCausalLM, MiniMindOutput
 from .projector import build_projector
-from .vision_tower import (VisionTower, image2tensor, load_image_processor, load_vision_tower,
+from .vision_tower import (EFFICIENTNET, VisionTower, image2tensor, load_image_processor, load_vision_tower,
                            vision_tower_from_config)
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class MiniMindVLM(MiniMindForCausalLM):
             self.attach_vision_tower(vision_tower_from_config(config.vision_config))
             return
         path = config.vision_tower_path if vision_model_path == _FROM_CONFIG else vision_model_path
-        tower, _ = self.get_vision_model(path, config.vision_tower_kind) if path else (None, None)
+        tower, _ = (self.get_vision_model(path, config.vision_tower_kind, config.image_token_len) if path
+                    else (None, None))
         if tower is not None:
             self.attach_vision_tower(tower, path)
 
@@ -64,8 +65,12 @@ class MiniMindVLM(MiniMindForCausalLM):
         return self.vision_tower.processor if self.vision_tower is not None else None
 
     @staticmethod
-    def get_vision_model(model_path: str, kind: str = "auto") -> tuple[VisionTower | None, object | None]:
+    def get_vision_model(model_path: str, kind: str = "auto",
+                         num_tokens: int | None = None) -> tuple[VisionTower | None, object | None]:
         """(tower, processor) from a local folder; (None, None) with a warning when the folder does not exist."""
+        if model_path == EFFICIENTNET or kind == "efficientnet":
+            tower = load_vision_tower(model_path, kind, num_tokens)
+            return tower, tower.processor
         if not os.path.isdir(model_path):
             logger.warning("vision tower %r is not a local folder: the model has no vision tower and cannot take "
                            "images (nothing is downloaded; pass a local CLIP/SigLIP folder)", model_path)
@@ -94,7 +99,7 @@ class MiniMindVLM(MiniMindForCausalLM):
         weight = self.lm_head.weight
         self.vision_tower = tower.to(weight.device)
         if path is not None:
-            self.config.vision_tower_path = os.path.abspath(path)
+            self.config.vision_tower_path = path if path == EFFICIENTNET else os.path.abspath(path)
 
     # --- forward ---
     def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
@@ -140,8 +145,8 @@ class MiniMindVLM(MiniMindForCausalLM):
 
     def embed_vision_tower(self) -> None:
         """Make checkpoints self-contained: the tower's weights and config are saved with the model from now on."""
-        if self.vision_tower is None:
-            raise ValueError("the model has no vision tower to embed")
+        if self.vision_tower is None or not hasattr(self.vision_tower.encoder, "config"):
+            raise ValueError("only a Hugging Face CLIP/SigLIP vision tower can be embedded in a checkpoint")
         self.config.vision_config = self.vision_tower.encoder.config.to_dict()
         self.config.vision_tower_path = None
 
@@ -165,10 +170,11 @@ class MiniMindVLM(MiniMindForCausalLM):
             return (model, info) if want_info else model
         path = model.config.vision_tower_path if vision_model_path == _FROM_CONFIG else vision_model_path
         if path:
-            if not os.path.isdir(path):
+            if not os.path.isdir(path) and path != EFFICIENTNET:
                 raise FileNotFoundError(f"{pretrained_model_name_or_path}: vision tower folder {path!r} not found; "
                                         "pass vision_model_path=<local folder> (or None for a text-only model)")
-            model.attach_vision_tower(load_vision_tower(path, model.config.vision_tower_kind), path)
+            model.attach_vision_tower(load_vision_tower(path, model.config.vision_tower_kind,
+                                                        model.config.image_token_len), path)
             model.vision_tower.to(model.dtype)
         return (model, info) if want_info else model
 

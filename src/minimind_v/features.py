@@ -1,0 +1,80 @@
+"""Image features for training and evaluation, with an optional cache.
+
+A frozen tower gives the same features for the same image every time, so `ImageFeatures` keys them by the image's
+content (sha256 of its encoded bytes, from the data module) and by the tower (`tower_id`), computes only what is
+missing, and can keep them on disk (`<dir>/<tower_id>.safetensors`, fp16) so that later epochs, stages and runs
+skip the tower entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from .models.vision_tower import VisionTower, image2tensor
+
+
+def tower_id(config) -> str:
+    """What identifies a tower's features: where it comes from, its kind and its token count."""
+    text = f"{config.vision_tower_path}|{config.vision_tower_kind}|{config.image_token_len}|{config.ve_hidden_size}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def bytes_key(data: bytes) -> str:
+    """The cache key of an encoded image: sha256 of its bytes (as the data module computes it)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_key(path: str) -> str:
+    with open(path, "rb") as f:
+        return bytes_key(f.read())
+
+
+def pixel_key(image: Image.Image) -> str:
+    """A key for an image that has no encoded bytes at hand: its mode, size and pixels."""
+    return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+
+
+class ImageFeatures:
+    """images (+ content keys) -> tower features [N, T, D] on `device`, cached by key when a cache is enabled."""
+
+    def __init__(self, tower: VisionTower, cache_dir: str | None = None, name: str = "tower", batch_size: int = 64):
+        self.tower, self.batch_size = tower, batch_size
+        self.path = os.path.join(cache_dir, f"{name}.safetensors") if cache_dir else None
+        self.cache: dict[str, torch.Tensor] | None = None if cache_dir is None else {}
+        self.dirty = False
+        if self.path and os.path.isfile(self.path):
+            self.cache = dict(load_file(self.path))
+
+    def __call__(self, images: list[Image.Image], keys: list[str], device: torch.device) -> torch.Tensor:
+        if not images:
+            return torch.empty(0, self.tower.num_tokens, self.tower.hidden_size, device=device)
+        if self.cache is None:
+            return self._encode(images).to(device)
+        missing = {k: img for k, img in zip(keys, images) if k not in self.cache}
+        if missing:
+            encoded = self._encode(list(missing.values())).to("cpu", torch.float16)
+            self.cache.update(zip(missing, encoded))
+            self.dirty = True
+        return torch.stack([self.cache[k] for k in keys]).to(device, torch.float32)
+
+    def _encode(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images -> [N, T, D], in chunks of batch_size."""
+        chunks = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = torch.cat([image2tensor(img, self.tower.processor) for img in images[start:start + self.batch_size]])
+            chunks.append(self.tower(pixels).float())
+        return torch.cat(chunks)
+
+    def save(self) -> None:
+        """Write the cache to disk (atomically) if anything was added."""
+        if self.path and self.dirty:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = self.path + ".tmp"
+            save_file({k: v.contiguous() for k, v in self.cache.items()}, tmp)
+            os.replace(tmp, self.path)
+            self.dirty = False

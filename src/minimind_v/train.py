@@ -1,0 +1,271 @@
+"""One training loop for every stage; the stages differ only in their defaults.
+
+    pretrain-llm   plain text, from scratch, every LLM weight trains          (freeze 0)
+    pretrain-vlm   image captions, only the projector trains                   (freeze 2)
+    sft            conversations, projector + first and last LLM layers train  (freeze 1)
+
+Freeze strategies as the original: 0 = whole LLM + projector, 1 = projector + first/last decoder layers,
+2 = projector only; the vision tower is always frozen. A step: the global batch (micro-batch x processes x
+accumulation) is cut from one seeded permutation, the loss is summed over every supervised token of the global batch
+and divided by their count (so 1 process and N processes compute the same gradient), then AdamW with a higher
+projector learning rate, warmup + cosine, clipping. Checkpoints and resume state live in `checkpointing.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .checkpointing import RunLog, load_resume_state, save_checkpoint
+from .data import ConversationDataset, SkipStats, TextDataset, collate
+from .device import all_reduce_sum, compute_dtype, init_distributed, pick_device
+from .features import ImageFeatures, tower_id
+from .models.vlm import MiniMindVLM
+
+STAGES = {"pretrain-llm": dict(freeze=0, text=True), "pretrain-vlm": dict(freeze=2, text=False),
+          "sft": dict(freeze=1, text=False)}
+
+
+@dataclass
+class TrainArgs:
+    stage: str
+    data: str
+    out_dir: str
+    preset: str = "minimind2-v"
+    overrides: dict = field(default_factory=dict)  # config fields for a new model
+    from_weight: str | None = None  # a folder written by an earlier stage
+    tokenizer: str | None = None  # None: the folder of --from-weight, else the package's default
+    vision: str | None = None  # vision tower folder, or "efficientnet-lite0"
+    image_root: str | None = None
+    freeze: int | None = None  # None: the stage's default
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 16  # per process
+    grad_accum: int = 1
+    lr: float = 5e-4
+    projector_lr_mult: float = 5.0
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    max_seq_len: int = 512
+    grad_clip: float = 1.0
+    dtype: str = "auto"
+    device: str = "auto"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    save_every: int = 0  # steps between checkpoints; 0: at the end only
+    feature_cache: str | None = None
+    resume: bool = False
+    loggers: list[str] = field(default_factory=list)  # wandb, swanlab, tensorboard
+    eval_every: int = 0
+    evaluate: object = None  # callable(model) -> dict of metrics, run on the main process
+
+
+def apply_freeze(model: MiniMindVLM, strategy: int) -> None:
+    """0: LLM + projector, 1: projector + first and last decoder layers, 2: projector only. Tower: always frozen."""
+    if strategy not in (0, 1, 2):
+        raise ValueError(f"freeze strategy must be 0, 1 or 2, got {strategy}")
+    model.requires_grad_(strategy == 0)
+    model.vision_proj.requires_grad_(True)
+    if strategy == 1:
+        for layer in {0, len(model.model.layers) - 1}:
+            model.model.layers[layer].requires_grad_(True)
+    if model.vision_tower is not None:
+        model.vision_tower.requires_grad_(False)
+
+
+def make_optimizer(model: MiniMindVLM, args: TrainArgs) -> torch.optim.AdamW:
+    """AdamW; the projector at lr * projector_lr_mult; no weight decay on norms and biases."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((name.startswith("vision_proj."), param.dim() >= 2), []).append(param)
+    return torch.optim.AdamW([{"params": params, "lr": args.lr * (args.projector_lr_mult if proj else 1.0),
+                               "weight_decay": args.weight_decay if decay else 0.0}
+                              for (proj, decay), params in groups.items()], betas=(0.9, 0.95))
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine down to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_batches(num_samples: int, seed: int, epoch: int, global_batch: int) -> list[list[int]]:
+    """The epoch's optimizer steps as lists of sample indices (one seeded permutation; a short tail is dropped)."""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
+
+
+def micro_batches(step: list[int], rank: int, world: int, accum: int) -> list[list[int]]:
+    """This process's accumulation micro-batches of one step: the same split whatever `world` x `accum` is."""
+    size = len(step) // (world * accum)
+    return [step[(rank * accum + a) * size:(rank * accum + a + 1) * size] for a in range(accum)]
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over supervised positions: logits [B, L, V], labels [B, L]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                           ignore_index=-100, reduction="sum")
+
+
+class Trainer:
+    def __init__(self, args: TrainArgs):
+        if args.stage not in STAGES:
+            raise ValueError(f"unknown stage {args.stage!r}; choose one of {', '.join(STAGES)}")
+        self.args = args
+        self.rank, self.world, local_rank = init_distributed()
+        self.device = (torch.device("cuda", local_rank) if self.world > 1 and torch.cuda.is_available()
+                       else pick_device(args.device))
+        torch.manual_seed(args.seed)
+        self.tokenizer, self.model = build_model(args)
+        self.model.to(self.device)
+        apply_freeze(self.model, STAGES[args.stage]["freeze"] if args.freeze is None else args.freeze)
+        if args.grad_checkpointing:
+            self.model.activation_checkpointing_enable()
+        self.stats = SkipStats()
+        self.dataset = make_dataset(args, self.tokenizer, self.model, self.stats)
+        tower = self.model.vision_tower
+        self.features = (ImageFeatures(tower, args.feature_cache, tower_id(self.model.config)) if tower is not None
+                         else None)
+        self.global_batch = args.batch_size * self.world * args.grad_accum
+        self.steps_per_epoch = len(self.dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.dataset)} samples cannot fill one global batch of {self.global_batch}")
+        self.total_steps = self.steps_per_epoch * args.epochs
+        self.total_steps = min(self.total_steps, args.max_steps) if args.max_steps else self.total_steps
+        self.optimizer = make_optimizer(self.model, args)
+        warmup = int(args.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, args.min_lr_ratio))
+        self.dtype = compute_dtype(self.device, args.dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.wrapped = self._wrap()
+        self.step = self.epoch = self.position = 0
+        self.log = RunLog(args.out_dir, main=self.rank == 0, loggers=args.loggers, total=self.total_steps)
+        if args.resume:
+            load_resume_state(self)
+
+    def _wrap(self) -> torch.nn.Module:
+        model = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return torch.compile(model) if self.args.compile else model
+
+    def run(self) -> dict:
+        start, last = time.time(), {}
+        while self.epoch < self.args.epochs and self.step < self.total_steps:
+            steps = step_batches(len(self.dataset), self.args.seed, self.epoch, self.global_batch)
+            for batches in self._loader(steps[self.position:]):
+                last = self.train_step(batches)
+                self.step, self.position = self.step + 1, self.position + 1
+                self._after_step(last)
+                if self.step >= self.total_steps:
+                    break
+            if self.position >= len(steps):
+                self.epoch, self.position = self.epoch + 1, 0
+        save_checkpoint(self, final=True)
+        summary = {"steps": self.step, "seconds": round(time.time() - start, 1), "skipped": self.stats.summary(),
+                   **last}
+        self.log.finish(summary)
+        return summary
+
+    def _loader(self, steps: list[list[int]]):
+        """Yield each step's micro-batches for this process, collated (workers decode images in parallel)."""
+        micro = [mb for step in steps for mb in micro_batches(step, self.rank, self.world, self.args.grad_accum)]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=micro, num_workers=self.args.num_workers,
+                                             collate_fn=functools.partial(collate,
+                                                                          pad_token_id=self.tokenizer.pad_token_id))
+        group = []
+        for batch in loader:
+            if self.args.num_workers > 0:  # workers counted skips in their own copies of the stats
+                self.stats.merge({reason: batch["skipped"].count(reason) for reason in set(batch["skipped"])})
+            group.append(batch)
+            if len(group) == self.args.grad_accum:
+                yield group
+                group = []
+
+    def _after_step(self, metrics: dict) -> None:
+        args = self.args
+        if self.step % args.log_every == 0 or self.step == self.total_steps:
+            self.log.write({"step": self.step, "epoch": self.epoch, **metrics})
+        if args.save_every and self.step % args.save_every == 0:
+            save_checkpoint(self, final=False)
+        if args.evaluate is not None and args.eval_every and self.step % args.eval_every == 0 and self.rank == 0:
+            self.log.write({"step": self.step, **args.evaluate(self.model)})
+        if self.features is not None and self.rank == 0 and self.step % max(1, self.steps_per_epoch) == 0:
+            self.features.save()
+
+    def train_step(self, batches: list[dict]) -> dict:
+        started = time.time()
+        supervised = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        total = float(all_reduce_sum(torch.tensor(float(supervised), device=self.device)))
+        self.model.train()
+        loss_sum, tokens = 0.0, 0
+        for j, batch in enumerate(batches):
+            sync = j == len(batches) - 1 or self.world == 1
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                loss, summed = self._forward(batch, total, len(batches))
+                self.scaler.scale(loss).backward()
+            loss_sum, tokens = loss_sum + summed, tokens + int(batch["attention_mask"].sum())
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                   self.args.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        loss = float(all_reduce_sum(torch.tensor(loss_sum, device=self.device))) / max(total, 1.0)
+        return {"loss": round(loss, 5), "lr": self.scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
+                "tokens_per_s": round(tokens * self.world / max(time.time() - started, 1e-9))}
+
+    def _forward(self, batch: dict, total_supervised: float, accum: int) -> tuple[torch.Tensor, float]:
+        """Loss to backpropagate (this micro-batch's share of the global token mean) and its plain sum."""
+        if batch["input_ids"].shape[0] == 0:  # everything skipped: a zero loss that still touches every weight
+            return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad), 0.0
+        ids = batch["input_ids"].to(self.device)
+        features = self.features(batch["images"], batch["image_keys"], self.device) if batch["images"] else None
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.wrapped(input_ids=ids, attention_mask=batch["attention_mask"].to(self.device),
+                               image_features=features, use_cache=False)
+            summed = summed_loss(out.logits, batch["labels"])
+        loss = summed * self.world / max(total_supervised, 1.0) + out.aux_loss / accum
+        return loss, float(summed.detach())
+
+
+def build_model(args: TrainArgs):
+    """(tokenizer, model): continue from --from-weight, or a fresh model from a preset sized to the tokenizer."""
+    from .tokenizer import image_placeholder_config, load_tokenizer
+
+    if args.from_weight:
+        vision = {"vision_model_path": args.vision} if args.vision else {}
+        model = MiniMindVLM.from_pretrained(args.from_weight, **vision)
+        return load_tokenizer(args.tokenizer or args.from_weight), model
+    from .config import MiniMindVConfig
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    fields = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if "<|image_pad|>" in tokenizer.get_vocab():
+        fields.update(image_placeholder_config(tokenizer))
+    config = MiniMindVConfig.from_name(args.preset, **{**fields, **args.overrides})
+    return tokenizer, MiniMindVLM(config, vision_model_path=args.vision)
+
+
+def make_dataset(args: TrainArgs, tokenizer, model: MiniMindVLM, stats: SkipStats):
+    if STAGES[args.stage]["text"]:
+        return TextDataset(args.data, tokenizer, model.config, args.max_seq_len, stats=stats)
+    return ConversationDataset(args.data, tokenizer, model.config, args.max_seq_len, image_root=args.image_root,
+                               stats=stats)
