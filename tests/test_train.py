@@ -1,0 +1,199 @@
+"""The training loop: freeze strategies, batching, a loss that falls, resume, 2-process Gloo, CLI; evaluation."""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import build_tokenizer, save_clip, tiny_config
+from minimind_v import MiniMindVLM
+from minimind_v.cli import main
+from minimind_v.evaluate import QAItem, generate_answers, normalize_answer, score
+from minimind_v.train import STAGES, TrainArgs, Trainer, apply_freeze, lr_factor, micro_batches, step_batches
+
+MODEL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, intermediate_size=96,
+             max_position_embeddings=256, image_special_token="@" * 16, image_ids=[34] * 16, ve_hidden_size=32,
+             vision_tower_kind="clip")
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def png(color) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    build_tokenizer().save_pretrained(root / "tokenizer")
+    with open(root / "text.jsonl", "w") as f:
+        for i in range(96):
+            f.write(json.dumps({"text": f"the {list(COLORS)[i % 3]} square is number {i % 7}."}) + "\n")
+    rows = [(json.dumps([{"role": "user", "content": "<image>\nwhat color is it?"},
+                         {"role": "assistant", "content": name}]), png(rgb))
+            for i in range(48) for name, rgb in [list(COLORS.items())[i % 3]]]
+    rows.append((rows[0][0], b"\x89PNG not really"))  # a corrupt image: skipped and counted
+    pq.write_table(pa.table({"conversations": [r[0] for r in rows],
+                             "image_bytes": pa.array([r[1] for r in rows], type=pa.binary())}), root / "sft.parquet")
+    return {"root": root, "tokenizer": str(root / "tokenizer"), "text": str(root / "text.jsonl"),
+            "sft": str(root / "sft.parquet"), "clip": save_clip(root / "clip")}
+
+
+def args_for(ws, stage, out, **kw) -> TrainArgs:
+    data = ws["text"] if stage == "pretrain-llm" else ws["sft"]
+    base = dict(stage=stage, data=data, out_dir=str(out), tokenizer=ws["tokenizer"], vision=ws["clip"],
+                overrides=dict(MODEL), batch_size=8, lr=3e-3, max_seq_len=64, log_every=1, warmup_ratio=0.1)
+    return TrainArgs(**{**base, **kw})
+
+
+def weights(out) -> dict:
+    return load_file(os.path.join(out, "model", "model.safetensors"))
+
+
+def test_freeze_strategies(clip_dir):
+    model = MiniMindVLM(tiny_config(num_hidden_layers=3), vision_model_path=clip_dir)
+    trainable = lambda: {n.split(".")[0] if not n.startswith("model.layers.") else ".".join(n.split(".")[:3])  # noqa
+                         for n, p in model.named_parameters() if p.requires_grad}
+    apply_freeze(model, 0)
+    assert trainable() == {"model.embed_tokens", "model.norm", "model.layers.0", "model.layers.1",
+                           "model.layers.2", "vision_proj"} - {"model.embed_tokens", "model.norm"} | {"model"}
+    apply_freeze(model, 1)
+    assert trainable() == {"model.layers.0", "model.layers.2", "vision_proj"}
+    apply_freeze(model, 2)
+    assert trainable() == {"vision_proj"}
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    assert [STAGES[s]["freeze"] for s in ("pretrain-llm", "pretrain-vlm", "sft")] == [0, 2, 1]
+
+
+def test_global_batch_split_does_not_depend_on_processes():
+    step = step_batches(40, seed=1, epoch=0, global_batch=8)[0]
+    for world, accum in [(1, 4), (2, 2), (4, 1)]:
+        parts = [mb for rank in range(world) for mb in micro_batches(step, rank, world, accum)]
+        assert sum(parts, []) == step
+    assert step_batches(40, 1, 0, 8) == step_batches(40, 1, 0, 8) != step_batches(40, 1, 1, 8)
+    assert len(step_batches(41, 1, 0, 8)) == 5  # the short tail is dropped
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.55)
+
+
+def test_tiny_sft_run_lowers_the_loss_and_writes_everything(workspace, tmp_path):
+    out = tmp_path / "sft"
+    summary = Trainer(args_for(workspace, "sft", out, epochs=10, freeze=0, feature_cache=str(tmp_path / "cache"))).run()
+    losses = [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+    assert len(losses) == summary["steps"] == 10 * (48 // 8)
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+    assert "1 corrupt image" in summary["skipped"]
+    assert {"model", "resume.pt", "loss.png", "metrics.jsonl"} <= set(os.listdir(out))
+    assert not any(k.startswith("vision_tower.") for k in weights(out))
+    assert os.listdir(tmp_path / "cache")  # features were cached on disk
+    model = MiniMindVLM.from_pretrained(out / "model")
+    from minimind_v.tokenizer import load_tokenizer
+
+    items = [QAItem("<image>\nwhat color is it?", name, [Image.new("RGB", (32, 32), rgb)], qtype="color")
+             for name, rgb in COLORS.items()]
+    report = score(items, generate_answers(model, load_tokenizer(out / "model"), items, max_new_tokens=8))
+    assert report["accuracy"] == 1.0 and report["per_type"]["color"]["total"] == 3
+
+
+@pytest.mark.parametrize("stage", ["pretrain-llm", "pretrain-vlm"])
+def test_stage_trains_what_its_freeze_strategy_says(workspace, tmp_path, stage):
+    trainer = Trainer(args_for(workspace, stage, tmp_path / stage, max_steps=2))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.run()
+    changed = {n.split(".")[0] for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == ({"model"} if stage == "pretrain-llm" else {"vision_proj"})
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_reaches_the_same_weights(workspace, tmp_path, monkeypatch):
+    kw = dict(epochs=2, freeze=0, save_every=3)
+    Trainer(args_for(workspace, "sft", tmp_path / "straight", **kw)).run()
+    crashing = Trainer(args_for(workspace, "sft", tmp_path / "resumed", **kw))
+    original_step, calls = crashing.train_step, []
+
+    def step_then_crash(batches):
+        if len(calls) == 7:  # dies during step 8; the last checkpoint is from step 6
+            raise Crash()
+        calls.append(1)
+        return original_step(batches)
+
+    monkeypatch.setattr(crashing, "train_step", step_then_crash)
+    with pytest.raises(Crash):
+        crashing.run()
+    resumed = Trainer(args_for(workspace, "sft", tmp_path / "resumed", resume=True, **kw))
+    assert resumed.step == 6
+    resumed.run()
+    straight, again = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert straight.keys() == again.keys()
+    for key in straight:
+        torch.testing.assert_close(again[key], straight[key], atol=1e-6, rtol=1e-5)
+
+
+RUN_ONE = r"""
+import json, sys
+from minimind_v.train import TrainArgs, Trainer
+Trainer(TrainArgs(**json.loads(sys.argv[1]))).run()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process(workspace, tmp_path):
+    common = dict(epochs=1, freeze=0, max_steps=4, feature_cache=None)
+    single = args_for(workspace, "sft", tmp_path / "one", batch_size=4, grad_accum=2, **common)
+    Trainer(single).run()
+    double = args_for(workspace, "sft", tmp_path / "two", batch_size=4, grad_accum=1, **common)
+    spec = {k: v for k, v in double.__dict__.items() if k != "evaluate"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "run_one.py").write_text(RUN_ONE)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", str(tmp_path / "run_one.py"), json.dumps(spec)],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
+    loss = lambda out: [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]  # noqa
+    assert loss(tmp_path / "two") == pytest.approx(loss(tmp_path / "one"), rel=1e-4)
+
+
+def test_cli_train_and_eval(workspace, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["train", "pretrain-llm", "--data", workspace["text"], "--out-dir", str(out), "--tokenizer",
+                 workspace["tokenizer"], "--batch-size", "8", "--max-steps", "2", "--max-seq-len", "32",
+                 "--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set", "num_attention_heads=2",
+                 "--set", "num_key_value_heads=1"]) == 0
+    assert '"steps": 2' in capsys.readouterr().out
+    assert main(["train", "sft", "--data", "x.parquet", "--out-dir", str(out)]) == 2  # a clear error, no traceback
+    assert "error" in capsys.readouterr().err
+
+
+def test_normalised_exact_match():
+    assert normalize_answer("  The Circle. ") == "circle" == normalize_answer("circle")
+    assert normalize_answer("Yes!") == "yes"
+    items = [QAItem("q", "red", qtype="color"), QAItem("q", "yes", qtype="yes/no"), QAItem("q", "no", qtype="yes/no")]
+    report = score(items, ["Red.", "yes", "yes"])
+    assert report["accuracy"] == pytest.approx(2 / 3)
+    assert report["per_type"] == {"color": {"accuracy": 1.0, "total": 1}, "yes/no": {"accuracy": 0.5, "total": 2}}
