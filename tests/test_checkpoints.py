@@ -11,8 +11,8 @@ import torch
 
 from conftest import save_clip, save_siglip
 from minimind_v import MiniMindVConfig, MiniMindVLM
-from minimind_v.checkpoints import SHAPE_FIELDS, detect_config, load_original, read_original, save_original
-from minimind_v.export import convert, same_tensors
+from minimind_v.interop.original import SHAPE_FIELDS, detect_config, load_original, read_original, save_original
+from minimind_v.interop.export import convert, same_tensors
 
 CASES = {  # preset, overrides: two sizes per generation, dense and MoE
     "2v-dense-64": ("minimind2-v", dict(hidden_size=64, num_hidden_layers=2)),

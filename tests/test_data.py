@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import CHATML, build_tokenizer, tiny_config
-from minimind_v.data import (IGNORE_INDEX, ConversationDataset, Sample, SkipStats, TextDataset, collate, iter_records,
+from minimind_v.data.datasets import (IGNORE_INDEX, ConversationDataset, Sample, SkipStats, TextDataset, collate, iter_records,
                              tokenize_conversation)
 
 CONFIG = tiny_config()  # 16 x '@' (id 34) per image
@@ -363,7 +363,7 @@ def test_a_dataloader_batches_a_dataset(tmp_path, tokenizer):
 
 def test_skip_stats_summary_merge_and_rate_limited_logging(caplog):
     stats = SkipStats()
-    with caplog.at_level(logging.WARNING, logger="minimind_v.data"):
+    with caplog.at_level(logging.WARNING, logger="minimind_v.data.datasets"):
         for _ in range(7):
             stats.add("corrupt image", "bad bytes")
     assert len(caplog.records) == 5 and "further 'corrupt image' skips" in caplog.records[-1].getMessage()

@@ -14,11 +14,11 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from minimind_v import MiniMindVLM
-from minimind_v.checkpoints import load_original, read_original
+from minimind_v.interop.original import load_original, read_original
 from minimind_v.cli import main
-from minimind_v.export import same_tensors
+from minimind_v.interop.export import same_tensors
 from minimind_v.models.vision_tower import load_image_processor, load_vision_tower
-from minimind_v.processing import chat_prompt, encode_prompt
+from minimind_v.data.processing import chat_prompt, encode_prompt
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
 GENERATIONS = ["minimind2-v", "minimind-3v"]

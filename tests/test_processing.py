@@ -4,7 +4,7 @@ import pytest
 
 from conftest import tiny_config
 from minimind_v import MiniMindVConfig
-from minimind_v.processing import chat_prompt, encode_prompt, placeholder_text
+from minimind_v.data.processing import chat_prompt, encode_prompt, placeholder_text
 
 
 def test_placeholder_text_of_both_generations():

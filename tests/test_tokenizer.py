@@ -14,7 +14,7 @@ import tokenizers
 from transformers import AutoTokenizer
 
 from minimind_v import MiniMindVConfig
-from minimind_v.tokenizer import (CHAT_TEMPLATE, MIN_VOCAB_SIZE, SPECIAL_TOKENS, CorpusStats, build_default_tokenizer,
+from minimind_v.data.tokenizer import (CHAT_TEMPLATE, MIN_VOCAB_SIZE, SPECIAL_TOKENS, CorpusStats, build_default_tokenizer,
                                   default_tokenizer_path, image_placeholder_config, iter_text_files, load_tokenizer,
                                   train_from_files, train_tokenizer)
 

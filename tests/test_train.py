@@ -18,7 +18,7 @@ from conftest import build_tokenizer, save_clip, tiny_config
 from minimind_v import MiniMindVLM
 from minimind_v.cli import main
 from minimind_v.evaluate import QAItem, generate_answers, normalize_answer, score
-from minimind_v.train import STAGES, TrainArgs, Trainer, apply_freeze, lr_factor, micro_batches, step_batches
+from minimind_v.training.trainer import STAGES, TrainArgs, Trainer, apply_freeze, lr_factor, micro_batches, step_batches
 
 MODEL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, intermediate_size=96,
              max_position_embeddings=256, image_special_token="@" * 16, image_ids=[34] * 16, ve_hidden_size=32,
@@ -102,7 +102,7 @@ def test_tiny_sft_run_lowers_the_loss_and_writes_everything(workspace, tmp_path)
     assert not any(k.startswith("vision_tower.") for k in weights(out))
     assert os.listdir(tmp_path / "cache")  # features were cached on disk
     model = MiniMindVLM.from_pretrained(out / "model")
-    from minimind_v.tokenizer import load_tokenizer
+    from minimind_v.data.tokenizer import load_tokenizer
 
     items = [QAItem("<image>\nwhat color is it?", name, [Image.new("RGB", (32, 32), rgb)], qtype="color")
              for name, rgb in COLORS.items()]
@@ -149,7 +149,7 @@ def test_resume_after_a_crash_reaches_the_same_weights(workspace, tmp_path, monk
 
 RUN_ONE = r"""
 import json, sys
-from minimind_v.train import TrainArgs, Trainer
+from minimind_v.training.trainer import TrainArgs, Trainer
 Trainer(TrainArgs(**json.loads(sys.argv[1]))).run()
 """
 

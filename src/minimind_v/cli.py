@@ -49,7 +49,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .export import convert
+    from .interop.export import convert
 
     print(convert(args.source, args.target, vision=args.vision, tokenizer=args.tokenizer,
                   remote_code=args.remote_code, **parse_overrides(args.set)))
@@ -59,7 +59,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .train import TrainArgs, Trainer
+    from .training.trainer import TrainArgs, Trainer
 
     fields = {f.name for f in dataclasses.fields(TrainArgs)} - {"overrides", "loggers", "evaluate"}
     train_args = TrainArgs(**{name: getattr(args, name) for name in fields},
@@ -78,7 +78,7 @@ def _evaluator(path: str, image_root: str | None, limit: int | None, train_args)
     items = load_qa_jsonl(path, image_root)[:limit]
 
     def run(model) -> dict:
-        from .tokenizer import load_tokenizer
+        from .data.tokenizer import load_tokenizer
 
         report = evaluate(model, load_tokenizer(train_args.tokenizer or train_args.from_weight), items)
         return {"eval_accuracy": report["accuracy"]}
@@ -89,7 +89,7 @@ def _evaluator(path: str, image_root: str | None, limit: int | None, train_args)
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, load_qa_jsonl
     from .models.vlm import MiniMindVLM
-    from .tokenizer import load_tokenizer
+    from .data.tokenizer import load_tokenizer
 
     items = load_qa_jsonl(args.data, args.image_root)[:args.limit]
     model = MiniMindVLM.from_pretrained(args.model).eval()
@@ -100,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from .tokenizer import train_from_files
+    from .data.tokenizer import train_from_files
 
     print(train_from_files(args.data, args.vocab_size, args.out))
     return 0
@@ -116,7 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_train_parser(sub) -> None:
     import dataclasses
 
-    from .train import STAGES, TrainArgs
+    from .training.trainer import STAGES, TrainArgs
 
     train = sub.add_parser("train", help="one training loop for every stage: " + ", ".join(STAGES))
     train.add_argument("stage", choices=list(STAGES))

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .evaluate import QAItem, evaluate
-from .features import ImageFeatures, bytes_key, tower_id
+from .training.features import ImageFeatures, bytes_key, tower_id
 from .models.vision_tower import to_rgb
 
 COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
@@ -118,7 +118,7 @@ def test_items(limit: int | None) -> list[QAItem]:
 
 
 def train_stage(stage: str, data: str, out: str, size: DemoSize, epochs: int, **kwargs) -> dict:
-    from .train import TrainArgs, Trainer
+    from .training.trainer import TrainArgs, Trainer
 
     args = TrainArgs(stage=stage, data=data, out_dir=out, epochs=epochs, batch_size=size.batch_size, lr=size.lr,
                      max_seq_len=128, log_every=20, feature_cache=kwargs.pop("feature_cache"), **kwargs)
@@ -144,7 +144,7 @@ def photo_answers(model, tokenizer, features: ImageFeatures) -> list[str]:
 def run_demo(out: str = "minimind-v-demo", size_name: str = "default", echo=print) -> dict:
     """The whole chain; returns the evaluation report (also written to <out>/report.json)."""
     from .models.vlm import MiniMindVLM
-    from .tokenizer import load_tokenizer, train_tokenizer
+    from .data.tokenizer import load_tokenizer, train_tokenizer
 
     if size_name not in SIZES:
         raise ValueError(f"unknown demo size {size_name!r}; choose one of {', '.join(SIZES)}")

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from .features import ImageFeatures, file_key, pixel_key
+from .training.features import ImageFeatures, file_key, pixel_key
 from .models.vision_tower import to_rgb
-from .processing import IMAGE_MARKER, chat_prompt
+from .data.processing import IMAGE_MARKER, chat_prompt
 
 _PUNCTUATION = set(string.punctuation) | set("。，！？；：“”‘’（）、")
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .checkpoints import load_state_strict
+from ..interop.original import load_state_strict
 
 
 def save_checkpoint(trainer, final: bool) -> None:

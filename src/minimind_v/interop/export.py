@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from .checkpoints import load_original, save_original
-from .models.vlm import MiniMindVLM
+from .original import load_original, save_original
+from ..models.vlm import MiniMindVLM
 
-PACKAGE_DIR = Path(__file__).parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # minimind_v/
 CONFIG_MODULE = "configuration_minimind_v"
 MODELING_MODULE = "modeling_minimind_v"
 # the modeling files, in dependency order; they land flat in the export folder

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from .config import PRESETS, MiniMindVConfig
-from .models.vision_tower import load_vision_tower
-from .models.vlm import TOWER_PREFIX, MiniMindVLM, key_mismatch_error
+from ..config import PRESETS, MiniMindVConfig
+from ..models.vision_tower import load_vision_tower
+from ..models.vlm import TOWER_PREFIX, MiniMindVLM, key_mismatch_error
 
 logger = logging.getLogger(__name__)
 

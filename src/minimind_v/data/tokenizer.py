@@ -16,7 +16,7 @@ and a plain ChatML chat template (`CHAT_TEMPLATE`, no default system prompt).
     config = MiniMindVConfig(vocab_size=len(tok), **image_placeholder_config(tok), image_token_len=64)
 
 The shipped default (`default_tokenizer/`) is rebuilt, byte for byte on the same Python and `tokenizers` versions, by
-`python -m minimind_v.tokenizer [OUT_DIR]`; its README.txt records how it was built.
+`python -m minimind_v.data.tokenizer [OUT_DIR]`; its README.txt records how it was built.
 """
 
 from __future__ import annotations
@@ -423,7 +423,7 @@ Special tokens: {", ".join(f"{t}={i}" for i, t in enumerate(SPECIAL_TOKENS))}
 (bos {BOS_TOKEN}, eos {EOS_TOKEN}, pad/unk {PAD_TOKEN}; {IMAGE_PAD_TOKEN} is the image placeholder),
 then the 256 byte symbols (ids 4..259), then the merges.
 
-Built by minimind_v.tokenizer.build_default_tokenizer() (python -m minimind_v.tokenizer [OUT_DIR]):
+Built by minimind_v.data.tokenizer.build_default_tokenizer() (python -m minimind_v.data.tokenizer [OUT_DIR]):
 train_tokenizer(default_corpus(), vocab_size={DEFAULT_VOCAB_SIZE}, min_frequency=2) on {len(texts)} texts:
   1. easy-vqa 1.0 questions and answers (train then test), each pair as a ChatML conversation;
   2. docstrings of {len(DEFAULT_STDLIB_MODULES)} Python standard-library modules (DEFAULT_STDLIB_MODULES) and the
@@ -437,7 +437,7 @@ sha256(tokenizer.json) = {digest}
     return tokenizer
 
 
-if __name__ == "__main__":  # python -m minimind_v.tokenizer [OUT_DIR]: rebuild the shipped default tokenizer
+if __name__ == "__main__":  # python -m minimind_v.data.tokenizer [OUT_DIR]: rebuild the shipped default tokenizer
     target = sys.argv[1] if len(sys.argv) > 1 else None
     built = build_default_tokenizer(target)
     print(f"default tokenizer ({len(built)} tokens) -> {target or default_tokenizer_path()}")

@@ -34,8 +34,8 @@ from jinja2 import TemplateError
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .config import MiniMindVConfig
-from .models.vision_tower import to_rgb
+from ..config import MiniMindVConfig
+from ..models.vision_tower import to_rgb
 from .processing import IMAGE_MARKER, expand_image_markers
 
 logger = logging.getLogger(__name__)

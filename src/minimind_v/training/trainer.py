@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from .checkpointing import RunLog, load_resume_state, save_checkpoint
-from .data import ConversationDataset, SkipStats, TextDataset, collate
-from .device import all_reduce_sum, compute_dtype, init_distributed, pick_device
+from ..data.datasets import ConversationDataset, SkipStats, TextDataset, collate
+from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_device
 from .features import ImageFeatures, tower_id
-from .models.vlm import MiniMindVLM
+from ..models.vlm import MiniMindVLM
 
 STAGES = {"pretrain-llm": dict(freeze=0, text=True), "pretrain-vlm": dict(freeze=2, text=False),
           "sft": dict(freeze=1, text=False)}
@@ -247,13 +247,13 @@ class Trainer:
 
 def build_model(args: TrainArgs):
     """(tokenizer, model): continue from --from-weight, or a fresh model from a preset sized to the tokenizer."""
-    from .tokenizer import image_placeholder_config, load_tokenizer
+    from ..data.tokenizer import image_placeholder_config, load_tokenizer
 
     if args.from_weight:
         vision = {"vision_model_path": args.vision} if args.vision else {}
         model = MiniMindVLM.from_pretrained(args.from_weight, **vision)
         return load_tokenizer(args.tokenizer or args.from_weight), model
-    from .config import MiniMindVConfig
+    from ..config import MiniMindVConfig
 
     tokenizer = load_tokenizer(args.tokenizer)
     fields = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,

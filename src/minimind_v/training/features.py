@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .models.vision_tower import VisionTower, image2tensor
+from ..models.vision_tower import VisionTower, image2tensor
 
 
 def tower_id(config) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import MiniMindVConfig
+from ..config import MiniMindVConfig
 
 IMAGE_MARKER = "<image>"
 

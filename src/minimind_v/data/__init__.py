@@ -1,0 +1,1 @@
+"""Data: tokenizer, prompt processing, datasets and collation."""

@@ -1,0 +1,1 @@
+"""Interoperability: original MiniMind-V checkpoints and Hugging Face exports."""

@@ -1,0 +1,1 @@
+"""Training: the one loop for every stage, checkpoints and resume, the image-feature cache."""
