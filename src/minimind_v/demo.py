@@ -35,7 +35,7 @@ class DemoSize:
     vocab_size: int = 512
     llm_epochs: int = 1
     vlm_epochs: int = 1
-    sft_epochs: int = 2
+    sft_epochs: int = 4
     batch_size: int = 64
     lr: float = 2e-3
     limit: int | None = None  # train questions used (None: all 38,575); test questions likewise
@@ -46,8 +46,8 @@ MODEL = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_
              projector_type="mlp", vision_tower_kind="efficientnet")
 SIZES = {
     "default": DemoSize(preset=MODEL),
-    "large": DemoSize(preset={**MODEL, "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 768,
-                              "image_token_len": 49}, sft_epochs=4),
+    "large": DemoSize(preset={**MODEL, "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 768},
+                      sft_epochs=6, lr=1e-3),
     "quick": DemoSize(preset=MODEL, sft_epochs=1, batch_size=16, limit=256),  # CI's reduced run
 }
 
