@@ -197,3 +197,31 @@ def test_normalised_exact_match():
     report = score(items, ["Red.", "yes", "yes"])
     assert report["accuracy"] == pytest.approx(2 / 3)
     assert report["per_type"] == {"color": {"accuracy": 1.0, "total": 1}, "yes/no": {"accuracy": 0.5, "total": 2}}
+
+
+def test_resume_with_another_number_of_processes(workspace, tmp_path, monkeypatch):
+    """1 process (micro-batch 4 x accumulation 2) crashes; 2 Gloo processes (4 x 1) finish the run."""
+    common = dict(epochs=1, freeze=0, max_steps=5, save_every=2, feature_cache=None)
+    Trainer(args_for(workspace, "sft", tmp_path / "straight", batch_size=4, grad_accum=2, **common)).run()
+    crashing = Trainer(args_for(workspace, "sft", tmp_path / "moved", batch_size=4, grad_accum=2, **common))
+    original_step, calls = crashing.train_step, []
+
+    def step_then_crash(batches):
+        if len(calls) == 3:
+            raise Crash()
+        calls.append(1)
+        return original_step(batches)
+
+    monkeypatch.setattr(crashing, "train_step", step_then_crash)
+    with pytest.raises(Crash):
+        crashing.run()
+    spec = {k: v for k, v in args_for(workspace, "sft", tmp_path / "moved", batch_size=4, grad_accum=1, resume=True,
+                                      **common).__dict__.items() if k != "evaluate"}
+    (tmp_path / "run_one.py").write_text(RUN_ONE)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", str(tmp_path / "run_one.py"), json.dumps(spec)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    straight, moved = weights(tmp_path / "straight"), weights(tmp_path / "moved")
+    for key in straight:
+        torch.testing.assert_close(moved[key], straight[key], atol=1e-5, rtol=1e-4)
