@@ -123,21 +123,37 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resume_after_a_crash_reaches_the_same_weights(workspace, tmp_path, monkeypatch):
-    kw = dict(epochs=2, freeze=0, save_every=3)
-    Trainer(args_for(workspace, "sft", tmp_path / "straight", **kw)).run()
-    crashing = Trainer(args_for(workspace, "sft", tmp_path / "resumed", **kw))
-    original_step, calls = crashing.train_step, []
+def run_until_crash(trainer, steps: int, monkeypatch) -> None:
+    """Run `trainer` and let it die when step `steps + 1` begins."""
+    original_step, calls = trainer.train_step, []
 
     def step_then_crash(batches):
-        if len(calls) == 7:  # dies during step 8; the last checkpoint is from step 6
+        if len(calls) == steps:
             raise Crash()
         calls.append(1)
         return original_step(batches)
 
-    monkeypatch.setattr(crashing, "train_step", step_then_crash)
+    monkeypatch.setattr(trainer, "train_step", step_then_crash)
     with pytest.raises(Crash):
-        crashing.run()
+        trainer.run()
+
+
+def torchrun_two(args: TrainArgs, tmp_path) -> None:
+    """The same run under `torchrun --nproc_per_node 2` (Gloo on the CPU)."""
+    spec = {k: v for k, v in args.__dict__.items() if k != "evaluate"}
+    (tmp_path / "run_one.py").write_text(RUN_ONE)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", str(tmp_path / "run_one.py"), json.dumps(spec)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_resume_after_a_crash_reaches_the_same_weights(workspace, tmp_path, monkeypatch):
+    kw = dict(epochs=2, freeze=0, save_every=3)
+    Trainer(args_for(workspace, "sft", tmp_path / "straight", **kw)).run()
+    # dies when step 8 begins; the last checkpoint is from step 6
+    run_until_crash(Trainer(args_for(workspace, "sft", tmp_path / "resumed", **kw)), 7, monkeypatch)
     resumed = Trainer(args_for(workspace, "sft", tmp_path / "resumed", resume=True, **kw))
     assert resumed.step == 6
     resumed.run()
@@ -164,14 +180,7 @@ def test_two_gloo_processes_equal_one_process(workspace, tmp_path):
     common = dict(epochs=1, freeze=0, max_steps=4, feature_cache=None)
     single = args_for(workspace, "sft", tmp_path / "one", batch_size=4, grad_accum=2, **common)
     Trainer(single).run()
-    double = args_for(workspace, "sft", tmp_path / "two", batch_size=4, grad_accum=1, **common)
-    spec = {k: v for k, v in double.__dict__.items() if k != "evaluate"}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    (tmp_path / "run_one.py").write_text(RUN_ONE)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={free_port()}", str(tmp_path / "run_one.py"), json.dumps(spec)],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_two(args_for(workspace, "sft", tmp_path / "two", batch_size=4, grad_accum=1, **common), tmp_path)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
@@ -203,25 +212,10 @@ def test_resume_with_another_number_of_processes(workspace, tmp_path, monkeypatc
     """1 process (micro-batch 4 x accumulation 2) crashes; 2 Gloo processes (4 x 1) finish the run."""
     common = dict(epochs=1, freeze=0, max_steps=5, save_every=2, feature_cache=None)
     Trainer(args_for(workspace, "sft", tmp_path / "straight", batch_size=4, grad_accum=2, **common)).run()
-    crashing = Trainer(args_for(workspace, "sft", tmp_path / "moved", batch_size=4, grad_accum=2, **common))
-    original_step, calls = crashing.train_step, []
-
-    def step_then_crash(batches):
-        if len(calls) == 3:
-            raise Crash()
-        calls.append(1)
-        return original_step(batches)
-
-    monkeypatch.setattr(crashing, "train_step", step_then_crash)
-    with pytest.raises(Crash):
-        crashing.run()
-    spec = {k: v for k, v in args_for(workspace, "sft", tmp_path / "moved", batch_size=4, grad_accum=1, resume=True,
-                                      **common).__dict__.items() if k != "evaluate"}
-    (tmp_path / "run_one.py").write_text(RUN_ONE)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={free_port()}", str(tmp_path / "run_one.py"), json.dumps(spec)],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_until_crash(Trainer(args_for(workspace, "sft", tmp_path / "moved", batch_size=4, grad_accum=2, **common)), 3,
+                    monkeypatch)
+    torchrun_two(args_for(workspace, "sft", tmp_path / "moved", batch_size=4, grad_accum=1, resume=True, **common),
+                 tmp_path)
     straight, moved = weights(tmp_path / "straight"), weights(tmp_path / "moved")
     for key in straight:
         torch.testing.assert_close(moved[key], straight[key], atol=1e-5, rtol=1e-4)
