@@ -18,6 +18,7 @@ model shifts them).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import json
@@ -392,7 +393,7 @@ def truncate(input_ids: list[int], labels: list[int], run_starts: list[int], run
 # ------------------------------------------------------------------------------------------------------ datasets
 
 
-class _RecordDataset(Dataset):
+class _RecordDataset(Dataset, abc.ABC):
     """Loads records once, keeps the usable ones, and turns a record's SkipRecord into a counted (None, reason)."""
 
     def __init__(self, path: str | os.PathLike, tokenizer, max_seq_len: int, image_root: str | None,
@@ -413,11 +414,13 @@ class _RecordDataset(Dataset):
             raise ValueError(f"no usable records in {os.fspath(path)!r}: {self.stats.summary()}")
         self._skipped: dict[int, str] = {}  # index -> reason: a skipped record is counted once
 
+    @abc.abstractmethod
     def _check(self, record: dict) -> None:
-        raise NotImplementedError
+        """Raise SkipRecord for a record that cannot be used (text-level checks, at construction)."""
 
+    @abc.abstractmethod
     def _build(self, record: dict) -> Sample:
-        raise NotImplementedError
+        """The record as a Sample, or SkipRecord (image and length problems, at access)."""
 
     def __len__(self) -> int:
         return len(self.records)
