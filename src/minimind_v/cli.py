@@ -73,15 +73,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _evaluator(path: str, image_root: str | None, limit: int | None, train_args):
+    from .data.tokenizer import load_tokenizer
     from .evaluate import evaluate, load_qa_jsonl
 
     items = load_qa_jsonl(path, image_root)[:limit]
+    tokenizer = load_tokenizer(train_args.tokenizer or train_args.from_weight)  # the one the trainer uses
 
     def run(model) -> dict:
-        from .data.tokenizer import load_tokenizer
-
-        report = evaluate(model, load_tokenizer(train_args.tokenizer or train_args.from_weight), items)
-        return {"eval_accuracy": report["accuracy"]}
+        return {"eval_accuracy": evaluate(model, tokenizer, items)["accuracy"]}
 
     return run
 
