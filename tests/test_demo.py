@@ -44,6 +44,14 @@ def test_reduced_demo_runs_every_stage(tmp_path, capsys):
     assert len(report["photos"]) == 4 and "chelsea" in report["photos"][0]
 
 
+def test_cli_offers_every_demo_size():
+    from minimind_v.cli import build_parser
+    from minimind_v.demo import SIZES
+
+    demo_parser = next(a for a in build_parser()._actions if a.dest == "command").choices["demo"]
+    assert next(a for a in demo_parser._actions if a.dest == "size").choices == list(SIZES)
+
+
 @pytest.mark.slow
 def test_full_demo_reaches_95_percent(tmp_path):
     """The README's numbers: `python -m pytest -m slow tests/test_demo.py` (several minutes on 2 cores)."""
@@ -51,3 +59,12 @@ def test_full_demo_reaches_95_percent(tmp_path):
 
     report = run_demo(str(tmp_path / "demo"), "default")
     assert report["total"] == 9673 and report["accuracy"] >= 0.95
+
+
+@pytest.mark.slow
+def test_large_demo_reaches_99_percent(tmp_path):
+    """`python -m pytest -m slow -k large tests/test_demo.py`: about 40 minutes on 2 CPU cores, 9 on one H100."""
+    from minimind_v.demo import run_demo
+
+    report = run_demo(str(tmp_path / "demo"), "large")
+    assert report["total"] == 9673 and report["accuracy"] >= 0.99

@@ -52,7 +52,8 @@ def workspace(tmp_path_factory):
 def args_for(ws, stage, out, **kw) -> TrainArgs:
     data = ws["text"] if stage == "pretrain-llm" else ws["sft"]
     base = dict(stage=stage, data=data, out_dir=str(out), tokenizer=ws["tokenizer"], vision=ws["clip"],
-                overrides=dict(MODEL), batch_size=8, lr=3e-3, max_seq_len=64, log_every=1, warmup_ratio=0.1)
+                overrides=dict(MODEL), batch_size=8, lr=3e-3, max_seq_len=64, log_every=1, warmup_ratio=0.1,
+                device="cpu")  # test_train_options.py runs the numeric options on a GPU too
     return TrainArgs(**{**base, **kw})
 
 

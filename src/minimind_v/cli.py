@@ -155,7 +155,7 @@ def add_other_parsers(sub) -> None:
     tok_train.set_defaults(func=cmd_tokenizer)
     demo = sub.add_parser("demo", help="train a VLM end to end on the CPU from packaged data (easy-vqa)")
     demo.add_argument("--out", default="minimind-v-demo")
-    demo.add_argument("--size", default="default", choices=["default", "quick"])
+    demo.add_argument("--size", default="default", choices=["default", "large", "quick"])  # demo.SIZES
     demo.set_defaults(func=cmd_demo)
 
 

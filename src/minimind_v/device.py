@@ -47,9 +47,9 @@ def memory_report(device: torch.device) -> str:
     return f"process memory (RSS): {psutil.Process().memory_info().rss / 2**20:.1f} MiB"
 
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(use_cuda: bool | None = None) -> tuple[int, int, int]:
     """(rank, world size, local rank). Under `torchrun` (WORLD_SIZE > 1) this joins the process group: NCCL on
-    GPUs, Gloo on the CPU. A single process needs no group."""
+    GPUs, Gloo on the CPU (`use_cuda`: default, whenever CUDA is available). A single process needs no group."""
     import os
 
     import torch.distributed as dist
@@ -58,7 +58,8 @@ def init_distributed() -> tuple[int, int, int]:
     if world == 1:
         return 0, 1, 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+    backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(local_rank)

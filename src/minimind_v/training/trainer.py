@@ -125,9 +125,9 @@ class Trainer:
         if args.stage not in STAGES:
             raise ValueError(f"unknown stage {args.stage!r}; choose one of {', '.join(STAGES)}")
         self.args = args
-        self.rank, self.world, local_rank = init_distributed()
-        self.device = (torch.device("cuda", local_rank) if self.world > 1 and torch.cuda.is_available()
-                       else pick_device(args.device))
+        use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+        self.rank, self.world, local_rank = init_distributed(use_cuda)
+        self.device = torch.device("cuda", local_rank) if self.world > 1 and use_cuda else pick_device(args.device)
         torch.manual_seed(args.seed)
         self.tokenizer, self.model = build_model(args)
         self.model.to(self.device)
