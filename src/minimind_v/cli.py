@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import PRESETS, MiniMindVConfig
@@ -159,6 +160,125 @@ def add_other_parsers(sub) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+def _engine(args: argparse.Namespace):
+    from .generation import Engine
+    from .generation.loading import describe, load_for_inference
+
+    model, tokenizer = load_for_inference(args.model, args.tokenizer, args.vision, args.device, args.dtype)
+    print(f"[minimind-v] {args.model}: {describe(model)}", file=sys.stderr)
+    return Engine(model, tokenizer)
+
+
+def _sampling(args: argparse.Namespace):
+    from .generation import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
+                          seed=args.seed)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .serving.chat import ChatSession, run_chat
+
+    params = _sampling(args)  # bad settings fail before the model loads
+    session = ChatSession(_engine(args), params, system=args.system)
+    return run_chat(session, prompt=args.prompt, images=args.image, stats=args.stats)
+
+
+def _require(extra: str, *modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"this command needs {', '.join(missing)}: pip install 'minimind-v[{extra}]'")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _require("serve", "fastapi", "uvicorn")
+    import uvicorn
+
+    from .serving.openai_api import ServerSettings, create_app
+
+    settings = ServerSettings(model_name=args.model_name or args.model.rstrip("/").split("/")[-1],
+                              api_key=args.api_key or os.environ.get("MINIMIND_V_API_KEY"),
+                              local_image_root=args.allow_local_images, fetch_remote_images=args.fetch_remote_images,
+                              max_images=args.max_images, max_image_bytes=args.max_image_bytes)
+    app = create_app(_engine(args), settings)
+    print(f"[minimind-v] serving {settings.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    _require("web", "gradio")
+    from .serving.web import build_app
+
+    build_app(_engine(args)).launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .generation.bench import bench
+
+    report = bench(_engine(args), args.prompt_tokens, args.new_tokens, args.batch, args.images, args.runs,
+                   args.profile, args.compare_generate)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) -> None:
+    parser.add_argument("model", help="a model folder of this project, or an original .pth")
+    parser.add_argument("--tokenizer", help="tokenizer folder (required for an original .pth)")
+    parser.add_argument("--vision", help="vision tower folder (an original .pth; or to replace a folder's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU)")
+    if sampling:
+        parser.add_argument("--max-new-tokens", type=int, default=256)
+        parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+        parser.add_argument("--top-k", type=int, default=0)
+        parser.add_argument("--top-p", type=float, default=1.0)
+        parser.add_argument("--repetition-penalty", type=float, default=1.0)
+        parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+        parser.add_argument("--seed", type=int)
+
+
+def add_serving_parsers(sub) -> None:
+    chat = sub.add_parser("chat", help="chat with a model in the terminal (streaming, images, history)")
+    add_model_arguments(chat)
+    chat.add_argument("--image", action="append", default=[], help="attach an image to the first message")
+    chat.add_argument("--prompt", help="one message, answered, then exit (for scripts)")
+    chat.add_argument("--system", help="a system message")
+    chat.add_argument("--stats", action="store_true", help="print prefill time and decode tokens/s after answers")
+    chat.set_defaults(func=cmd_chat)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible API server (/v1/chat/completions)")
+    add_model_arguments(serve, sampling=False)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model-name", help="the id clients ask for (default: the folder's name)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MINIMIND_V_API_KEY)")
+    serve.add_argument("--allow-local-images", metavar="DIR", help="accept image paths under DIR")
+    serve.add_argument("--fetch-remote-images", action="store_true", help="download http(s) image URLs")
+    serve.add_argument("--max-images", type=int, default=4)
+    serve.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
+    serve.set_defaults(func=cmd_serve)
+    web = sub.add_parser("web", help="a Gradio web demo: upload images, chat with streaming, sampling settings")
+    add_model_arguments(web, sampling=False)
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=7860)
+    web.set_defaults(func=cmd_web)
+    bench = sub.add_parser("bench", help="prefill latency, decode tokens/s (batch 1 and --batch), peak memory")
+    add_model_arguments(bench, sampling=False)
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--images", type=int, default=1, help="images per prompt (0 for text only)")
+    bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--profile", metavar="TRACE.json", help="also write a torch profiler Chrome trace")
+    bench.add_argument("--compare-generate", action="store_true",
+                       help="also time transformers' model.generate on the same prompts")
+    bench.set_defaults(func=cmd_bench)
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in PRESETS:
         config = MiniMindVConfig.from_name(name)
@@ -194,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
     add_train_parser(sub)
     add_other_parsers(sub)
+    add_serving_parsers(sub)
     presets = sub.add_parser("presets", help="list the named model presets")
     presets.set_defaults(func=cmd_presets)
     return parser

@@ -1,0 +1,218 @@
+"""The generation engine behind chat, the API server, the web demo and bench.
+
+    requests (chat messages or raw text with `<image>` markers, PIL images, SamplingParams)
+    -> left-padded batch [B, L] + image features [num_images, T, ve]
+    -> prefill (images spliced in) into a KV cache preallocated for L + max_new_tokens
+    -> decode one token per step for every unfinished row; each row stops on EOS, a stop string or its own limit
+    -> text deltas as they are decoded (`stream`), or whole results (`generate`)
+
+One batch runs at a time (a lock), so concurrent callers queue instead of corrupting each other's cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+from ..data.processing import IMAGE_MARKER, chat_prompt, expand_image_markers
+from ..training.features import ImageFeatures
+from .kv_cache import PreallocatedCache
+from .sampling import SamplingParams, TokenChooser
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (wrong image count, prompt too long, ...): the caller's mistake."""
+
+
+@dataclass
+class GenerationRequest:
+    """`messages` (role/content dicts, run through the chat template) or a raw `text` prompt; `<image>` marks
+    where each of `images` goes, in order."""
+    messages: list[dict] | None = None
+    text: str | None = None
+    images: list[Image.Image] = field(default_factory=list)
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first (which prefill produced) per second of decoding."""
+        return max(self.completion_tokens - 1, 0) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass
+class StreamDelta:
+    index: int  # which request
+    text: str  # new text since this request's previous delta
+    result: GenerationResult | None = None  # set on the request's last delta
+
+
+class _Row:
+    """One request's decoding state: tokens, the text released so far, stop handling."""
+
+    def __init__(self, engine: "Engine", prompt_ids: list[int], params: SamplingParams, max_new: int):
+        self.engine, self.prompt_ids, self.params, self.max_new = engine, prompt_ids, params, max_new
+        self.tokens: list[int] = []
+        self.text, self.released, self.finish = "", 0, None
+        self.pad = 0  # left-padding columns before this row's prompt in the batch
+
+    def push(self, token: int) -> str:
+        """Take one generated token; return the newly releasable text."""
+        if token in self.engine.eos_ids:
+            self.finish = "stop"
+            return self._release(len(self.text))
+        self.tokens.append(token)
+        self.text = self.engine.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        hits = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
+        if hits:
+            self.text, self.finish = self.text[:min(hits)], "stop"
+            return self._release(len(self.text))
+        if len(self.tokens) >= self.max_new:
+            self.finish = "length"
+            return self._release(len(self.text))
+        return self._release(self._safe_end())
+
+    def _safe_end(self) -> int:
+        """Hold back a partial multi-byte character and any tail that could begin a stop string."""
+        end = len(self.text.rstrip("\ufffd"))
+        for stop in self.params.stop:
+            for k in range(min(len(stop) - 1, end), 0, -1):
+                if self.text[:end].endswith(stop[:k]):
+                    end = min(end, len(self.text[:end]) - k)
+                    break
+        return max(end, self.released)
+
+    def _release(self, end: int) -> str:
+        delta, self.released = self.text[self.released:end], max(self.released, end)
+        return delta
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        tower = model.vision_tower
+        self.features = ImageFeatures(tower) if tower is not None else None
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        self.eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_ids.discard(None)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.context = model.config.max_position_embeddings
+        self.lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def encode(self, request: GenerationRequest) -> list[int]:
+        """Prompt token ids, after checking images against `<image>` markers and the context length."""
+        if (request.messages is None) == (request.text is None):
+            raise RequestError("give either chat messages or a raw text prompt")
+        config = self.model.config
+        if request.messages is not None:
+            markers = sum(str(m.get("content", "")).count(IMAGE_MARKER) for m in request.messages)
+            text = chat_prompt(self.tokenizer, config, request.messages)
+        else:
+            markers, text = request.text.count(IMAGE_MARKER), expand_image_markers(request.text, config)
+        if markers != len(request.images):
+            raise RequestError(f"the prompt has {markers} <image> marker(s) but {len(request.images)} image(s) "
+                               "were given")
+        if request.images and self.features is None:
+            raise RequestError("this model has no vision tower, so it cannot take images")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= self.context:
+            raise RequestError(f"the prompt is {len(ids)} tokens; this model's context is {self.context} tokens")
+        return ids
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for delta in self.stream(requests):
+            if delta.result is not None:
+                results[delta.index] = delta.result
+        return results
+
+    def stream(self, requests: list[GenerationRequest]) -> Iterator[StreamDelta]:
+        """Text deltas for every request as they are decoded; each request's last delta carries its result."""
+        rows = []
+        for r in requests:
+            ids = self.encode(r)
+            rows.append(_Row(self, ids, r.params, min(r.params.max_new_tokens, self.context - len(ids))))
+        images = [image for r in requests for image in r.images]
+        with self.lock, torch.inference_mode():
+            yield from self._decode(rows, images)
+
+    def _decode(self, rows: list[_Row], images: list[Image.Image]) -> Iterator[StreamDelta]:
+        start = time.perf_counter()
+        ids, mask = self._batch(rows)  # [B, L] each
+        batch, length = ids.shape
+        total = length + max(row.max_new for row in rows)
+        cache = PreallocatedCache(self.model.config.num_hidden_layers, total)
+        full_mask = torch.ones(batch, total, dtype=torch.long, device=self.device)  # [B, L + max_new]
+        full_mask[:, :length] = mask
+        padded = bool((mask == 0).any())
+        features = self.features(images, [""] * len(images), self.device) if images else None
+        out = self.model(input_ids=ids, attention_mask=mask if padded else None, image_features=features,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        history = ids  # [B, L + steps so far]: what repetition penalties look at
+        choosers = [TokenChooser(row.params, self.device) for row in rows]
+        prefill_done, step = None, 0
+        while True:
+            tokens = self._choose(rows, choosers, history, out.logits[:, -1])  # a list: the device has finished
+            prefill_done = prefill_done or time.perf_counter()  # prefill = time to the first token
+            for i, (row, token) in enumerate(zip(rows, tokens)):
+                if row.finish is None:
+                    delta = row.push(token)
+                    if row.finish is not None:
+                        yield StreamDelta(i, delta, self._result(row, start, prefill_done))
+                    elif delta:
+                        yield StreamDelta(i, delta)
+            if all(row.finish is not None for row in rows):
+                return
+            step += 1
+            feed = torch.tensor([[t if row.finish is None else self.pad_id] for row, t in zip(rows, tokens)],
+                                device=self.device)  # [B, 1]
+            history = torch.cat([history, feed], dim=1)
+            out = self.model(input_ids=feed, attention_mask=full_mask[:, :length + step] if padded else None,
+                             past_key_values=cache, use_cache=True)
+
+    def _batch(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded input_ids and attention mask, [B, L]."""
+        length = max(len(row.prompt_ids) for row in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.prompt_ids)
+            row.pad = length - n
+            ids[i, row.pad:], mask[i, row.pad:] = torch.tensor(row.prompt_ids), 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _choose(self, rows: list[_Row], choosers: list[TokenChooser], history: torch.Tensor,
+                logits: torch.Tensor) -> list[int]:
+        """Next token of every row: one batched argmax when every row is plain greedy, else row by row."""
+        if all(not c.processors and c.params.greedy for c in choosers):
+            return logits.argmax(-1).tolist()
+        return [c(history[i:i + 1, row.pad:], logits[i:i + 1]) if row.finish is None else self.pad_id
+                for i, (row, c) in enumerate(zip(rows, choosers))]
+
+    @staticmethod
+    def _result(row: _Row, start: float, prefill_done: float) -> GenerationResult:
+        now = time.perf_counter()
+        return GenerationResult(row.text, list(row.tokens), row.finish, len(row.prompt_ids),
+                                round(prefill_done - start, 6), round(now - prefill_done, 6))

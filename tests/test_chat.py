@@ -1,0 +1,170 @@
+"""`minimind-v chat` through a pseudo-terminal, the scripted mode, the session's history, and `bench`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config
+from minimind_v import MiniMindVLM
+from minimind_v.cli import main
+from minimind_v.generation import Engine, GenerationRequest, RequestError, SamplingParams
+from minimind_v.serving.chat import ChatSession
+
+pexpect = pytest.importorskip("pexpect")
+
+
+@pytest.fixture(scope="module")
+def model_dir(clip_dir, tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("chat") / "model"
+    MiniMindVLM(tiny_config(vocab_size=len(tokenizer)), vision_model_path=clip_dir).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Image.new("RGB", (40, 30), (20, 120, 220)).save(path.parent / "blue.png")
+    return path
+
+
+def engine_for(model_dir) -> Engine:
+    from minimind_v.generation.loading import load_for_inference
+
+    return Engine(*load_for_inference(str(model_dir), device="cpu"))
+
+
+def test_interactive_chat_in_a_pseudo_terminal(model_dir):
+    child = pexpect.spawn(sys.executable, ["-m", "minimind_v.cli", "chat", str(model_dir), "--max-new-tokens", "6"],
+                          encoding="utf-8", timeout=120)
+    try:
+        child.expect("you> ")
+        child.sendline(f"/image {model_dir.parent / 'blue.png'}")
+        child.expect(r"\[image attached: .*blue.png; 1 waiting")
+        child.expect("you> ")
+        child.sendline("what is this?")
+        child.expect("assistant> ")
+        child.expect("you> ")
+        child.sendline("/stats")
+        child.expect(r"speed after each answer: on")
+        child.sendline("and now?")
+        child.expect(r"\[6 tokens, prefill \d+ ms, decode [\d.]+ tokens/s, finish: length\]|finish: stop\]")
+        child.sendline("/image /no/such/file.png")
+        child.expect(r"\[error: image /no/such/file.png: missing image")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_scripted_chat_prints_the_engines_answer(model_dir):
+    image = str(model_dir.parent / "blue.png")
+    done = subprocess.run([sys.executable, "-m", "minimind_v.cli", "chat", str(model_dir), "--image", image,
+                           "--prompt", "describe it", "--max-new-tokens", "8"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    engine = engine_for(model_dir)
+    from minimind_v.serving.chat import open_image
+
+    expected = engine.generate([GenerationRequest(messages=[{"role": "user", "content": "<image>describe it"}],
+                                                  images=[open_image(image)],
+                                                  params=SamplingParams(max_new_tokens=8))])[0]
+    assert done.stdout == expected.text + "\n"
+
+
+def test_history_carries_earlier_turns_and_images(model_dir):
+    engine = engine_for(model_dir)
+    session = ChatSession(engine, SamplingParams(max_new_tokens=5), system="be brief")
+    session.attach(str(model_dir.parent / "blue.png"))
+    first = session.send("what is it?", lambda _: None)
+    streamed = []
+    second = session.send("again", streamed.append)
+    assert "".join(streamed) == second.text
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert session.messages[1]["content"] == "<image>what is it?" and len(session.images) == 1
+    replay = engine.generate([GenerationRequest(messages=session.messages[:2] + [
+        {"role": "assistant", "content": first.text}, {"role": "user", "content": "again"}],
+        images=session.images, params=SamplingParams(max_new_tokens=5))])[0]
+    assert replay.text == second.text and replay.prompt_tokens > first.prompt_tokens
+    with pytest.raises(RequestError, match="missing image"):
+        session.attach("/no/such.png")
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "be brief"}] and not session.images
+
+
+def test_bench_reports_prefill_decode_and_memory(model_dir, tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    assert main(["bench", str(model_dir), "--device", "cpu", "--prompt-tokens", "40", "--new-tokens", "8",
+                 "--batch", "3", "--runs", "1", "--profile", str(trace), "--compare-generate"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prompt_tokens"] >= 40 and report["images"] == 1
+    for size in ("batch_1", "batch_3"):
+        assert report[size]["prefill_ms"] > 0 and report[size]["decode_tokens_per_s"] > 0
+        assert report[size]["transformers_generate_end_to_end_tokens_per_s"] > 0
+        assert report[size]["engine_end_to_end_tokens_per_s"] > 0
+    assert "MiB" in report["peak_memory"]
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_the_guides_benchmark_and_profile_functions(model_dir, tmp_path):
+    from minimind_v.generation.bench import benchmark_model_performance, profile_model_execution
+
+    model = engine_for(model_dir).model
+    inputs = {"input_ids": torch.randint(0, 200, (1, 24))}
+    stats = benchmark_model_performance(model, inputs, num_runs=3, warmup=1)
+    assert 0 < stats["latency_min"] <= stats["latency_mean"] <= stats["latency_max"]
+    table = profile_model_execution(model, inputs, str(tmp_path / "t.json"))
+    assert "Self CPU" in table and (tmp_path / "t.json").stat().st_size > 0
+
+
+def test_chat_errors_are_clear(model_dir, capsys):
+    assert main(["chat", str(model_dir), "--temperature", "-1", "--prompt", "x"]) == 2
+    assert "temperature must be >= 0" in capsys.readouterr().err
+    assert main(["chat", str(model_dir) + "-missing", "--prompt", "x"]) == 2
+    assert "model not found" in capsys.readouterr().err
+
+
+def test_serve_and_web_name_their_extra_when_it_is_missing(model_dir, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("fastapi", "gradio")
+                        else real(name, *a))
+    assert main(["serve", str(model_dir)]) == 2
+    assert "pip install 'minimind-v[serve]'" in capsys.readouterr().err
+    assert main(["web", str(model_dir)]) == 2
+    assert "pip install 'minimind-v[web]'" in capsys.readouterr().err
+
+
+def test_serve_command_binds_loopback_and_answers(model_dir):
+    import time
+    import urllib.request
+
+    from test_server import free_port, http
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "minimind_v.cli", "serve", str(model_dir), "--port", str(port),
+                               "--model-name", "tiny"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                status, body = http(f"http://127.0.0.1:{port}/health")
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.stderr.read()
+                time.sleep(0.5)
+        assert status == 200 and body == {"status": "ok", "model": "tiny"}
+        import psutil
+
+        bound = {c.laddr.ip for c in psutil.Process(server.pid).net_connections() if c.status == "LISTEN"}
+        assert bound == {"127.0.0.1"}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+                                         data=json.dumps({"model": "tiny", "max_tokens": 3, "messages": [
+                                             {"role": "user", "content": "hi"}]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            assert json.loads(response.read())["usage"]["completion_tokens"] <= 3
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,156 @@
+"""The generation engine: greedy ≡ model.generate, batch ≡ one by one, preallocated cache ≡ dynamic cache,
+stop strings, EOS, length limits, streaming, sampling, and clear errors."""
+
+import pytest
+import torch
+from PIL import Image
+from transformers.cache_utils import DynamicCache
+
+from conftest import tiny_config
+from minimind_v import MiniMindVLM
+from minimind_v.data.processing import chat_prompt
+from minimind_v.generation import Engine, GenerationRequest, RequestError, SamplingParams
+from minimind_v.generation.kv_cache import PreallocatedCache
+
+
+@pytest.fixture(scope="module")
+def engine(clip_dir, tokenizer):
+    torch.manual_seed(0)
+    model = MiniMindVLM(tiny_config(vocab_size=len(tokenizer)), vision_model_path=clip_dir).eval()
+    return Engine(model, tokenizer)
+
+
+def image(seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def ask(text: str, images=(), **params) -> GenerationRequest:
+    return GenerationRequest(messages=[{"role": "user", "content": "<image>" * len(images) + text}],
+                             images=list(images), params=SamplingParams(**{"max_new_tokens": 12, **params}))
+
+
+def test_greedy_equals_model_generate(engine, tokenizer):
+    request = ask("describe", [image(1)])
+    result = engine.generate([request])[0]
+    text = chat_prompt(tokenizer, engine.model.config, request.messages)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    pixels = engine.model.image2tensor(request.images[0], engine.model.processor)[None]  # [1, 1, 3, H, W]
+    reference = engine.model.generate(ids, pixel_values=pixels, max_new_tokens=12, do_sample=False,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    expected = [t for t in reference[0, ids.shape[1]:].tolist() if t != tokenizer.pad_token_id]
+    if expected and expected[-1] == tokenizer.eos_token_id:
+        expected = expected[:-1]
+    assert result.token_ids == expected and result.prompt_tokens == ids.shape[1]
+
+
+def test_batch_with_different_lengths_and_image_counts_equals_one_by_one(engine):
+    requests = [ask("hi", []), ask("what is in these two pictures, please?", [image(2), image(3)]),
+                ask("and this one", [image(4)], max_new_tokens=5)]
+    batched = engine.generate(requests)
+    for request, result in zip(requests, batched):
+        alone = engine.generate([request])[0]
+        assert result.token_ids == alone.token_ids and result.text == alone.text
+    assert len(batched[2].token_ids) <= 5
+
+
+def test_preallocated_cache_gives_the_dynamic_cache_logits(engine, tokenizer):
+    model = engine.model
+    ids = tokenizer("hello there, world", return_tensors="pt")["input_ids"]
+    logits = {}
+    for name, cache in (("dynamic", DynamicCache(config=model.config)),
+                        ("preallocated", PreallocatedCache(model.config.num_hidden_layers, ids.shape[1] + 4))):
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        steps = [out.logits[:, -1]]
+        for t in (5, 6, 7, 8):
+            steps.append(model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[:, -1])
+        logits[name] = torch.stack(steps)
+    torch.testing.assert_close(logits["preallocated"], logits["dynamic"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="holds 3 positions"):
+        model(input_ids=ids[:, :4], past_key_values=PreallocatedCache(2, 3), use_cache=True)
+
+
+def test_stop_string_length_and_eos(engine):
+    free = engine.generate([ask("go", max_new_tokens=12)])[0]
+    assert free.finish_reason == "length" and free.completion_tokens == 12
+    stop = free.text[4:6]
+    assert stop.strip("\ufffd") == stop and len(stop) == 2, "the tiny model's text should allow a 2-char stop"
+    stopped = engine.generate([ask("go", max_new_tokens=12, stop=[stop])])[0]
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[:free.text.find(stop)]
+    eos = free.token_ids[3]
+    engine.eos_ids.add(eos)
+    try:
+        ended = engine.generate([ask("go", max_new_tokens=12)])[0]
+    finally:
+        engine.eos_ids.discard(eos)
+    assert ended.finish_reason == "stop" and ended.token_ids == free.token_ids[:free.token_ids.index(eos)]
+
+
+def test_stream_deltas_add_up_and_never_show_a_stop_string(engine):
+    free = engine.generate([ask("stream", max_new_tokens=16)])[0]
+    stop = free.text[6:8]
+    requests = [ask("stream", max_new_tokens=16), ask("stream", max_new_tokens=16, stop=[stop])]
+    texts, finals = ["", ""], [None, None]
+    for delta in engine.stream(requests):
+        texts[delta.index] += delta.text
+        assert stop not in texts[1]
+        if delta.result is not None:
+            finals[delta.index] = delta.result
+    assert texts[0] == finals[0].text == free.text
+    assert texts[1] == finals[1].text == free.text[:free.text.find(stop)]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(engine):
+    greedy = engine.generate([ask("x")])[0].token_ids
+    sample = lambda **kw: engine.generate([ask("x", temperature=1.5, **kw)])[0].token_ids  # noqa: E731
+    assert sample(seed=1) == sample(seed=1)
+    assert sample(seed=1) != sample(seed=2)
+    assert sample(seed=3, top_k=1) == greedy
+    assert sample(seed=4, top_p=1e-6) == greedy  # nucleus of one token
+    penalised = engine.generate([ask("x", repetition_penalty=5.0, max_new_tokens=12)])[0].token_ids
+    assert len(set(penalised)) >= len(set(greedy))
+
+
+def test_bad_requests_are_clear_errors(engine, tokenizer):
+    with pytest.raises(RequestError, match="1 <image> marker"):
+        engine.generate([GenerationRequest(messages=[{"role": "user", "content": "<image> two?"}],
+                                           images=[image(1), image(2)])])
+    with pytest.raises(RequestError, match="context is 512 tokens"):
+        engine.generate([ask("y" * 600)])
+    with pytest.raises(RequestError, match="either chat messages or a raw text"):
+        engine.generate([GenerationRequest()])
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(stop=[""])):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    textonly = Engine(MiniMindVLM(tiny_config(vocab_size=len(tokenizer))).eval(), tokenizer)
+    with pytest.raises(RequestError, match="no vision tower"):
+        textonly.generate([ask("look", [image(1)])])
+
+
+def test_raw_text_prompt_and_near_the_context_end(engine):
+    result = engine.generate([GenerationRequest(text="<image>the picture shows", images=[image(5)],
+                                                params=SamplingParams(max_new_tokens=4))])[0]
+    assert result.completion_tokens == 4
+    long = engine.generate([ask("z" * 480, max_new_tokens=100)])[0]  # only the context's remainder is generated
+    assert long.finish_reason in ("length", "stop") and long.prompt_tokens + long.completion_tokens <= 512
+
+
+def test_the_guides_helper_functions(engine, tokenizer):
+    from minimind_v.generation.helpers import batch_multimodal_inference, multimodal_generate
+
+    model, images = engine.model, [image(6), image(7), image(8)]
+    texts = ["describe:", "what is this picture about:", "content:"]
+    batched = batch_multimodal_inference(model, tokenizer, texts, images, batch_size=4)
+    assert batched == batch_multimodal_inference(model, tokenizer, texts, images, batch_size=1)
+    first = engine.generate([GenerationRequest(text=texts[1] + "<image>", images=[images[1]],
+                                               params=SamplingParams(max_new_tokens=1))])[0]
+    assert (first.token_ids or [next(iter(engine.eos_ids))])[0] == batched[1]  # the engine's first greedy token
+    sampled = multimodal_generate(model, tokenizer, "this shows", images[0], max_length=8, temperature=0.7,
+                                  top_k=40, seed=3)
+    assert sampled == multimodal_generate(model, tokenizer, "this shows", images[0], max_length=8,
+                                          temperature=0.7, top_k=40, seed=3)
+    greedy = engine.generate([GenerationRequest(text="this shows<image>", images=[images[0]],
+                                                params=SamplingParams(max_new_tokens=8))])[0].text
+    assert multimodal_generate(model, tokenizer, "this shows", images[0], max_length=8, top_k=1) == greedy
+    with pytest.raises(ValueError, match="one image per text"):
+        batch_multimodal_inference(model, tokenizer, texts, images[:2])
