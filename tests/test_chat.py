@@ -168,3 +168,21 @@ def test_serve_command_binds_loopback_and_answers(model_dir):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_chat_loads_an_original_pth_like_its_folder(model_dir, clip_dir, tmp_path, tokenizer):
+    from minimind_v.generation.loading import load_for_inference
+    from minimind_v.interop.original import save_original
+
+    folder_engine = engine_for(model_dir)
+    pth = tmp_path / "sft_vlm_64.pth"
+    save_original(folder_engine.model, pth, dtype=torch.float32)
+    with pytest.raises(ValueError, match="pass --tokenizer"):
+        load_for_inference(str(pth))
+    placeholders = dict(image_special_token="@" * 16, image_ids=[34] * 16)  # not recorded in a .pth
+    pth_engine = Engine(*load_for_inference(str(pth), tokenizer=str(model_dir), vision=clip_dir, device="cpu",
+                                            **placeholders))
+    image = Image.open(model_dir.parent / "blue.png").convert("RGB")
+    request = GenerationRequest(messages=[{"role": "user", "content": "<image>hi"}], images=[image],
+                                params=SamplingParams(max_new_tokens=6))
+    assert pth_engine.generate([request])[0].token_ids == folder_engine.generate([request])[0].token_ids

@@ -164,7 +164,8 @@ def _engine(args: argparse.Namespace):
     from .generation import Engine
     from .generation.loading import describe, load_for_inference
 
-    model, tokenizer = load_for_inference(args.model, args.tokenizer, args.vision, args.device, args.dtype)
+    model, tokenizer = load_for_inference(args.model, args.tokenizer, args.vision, args.device, args.dtype,
+                                          **parse_overrides(args.set))
     print(f"[minimind-v] {args.model}: {describe(model)}", file=sys.stderr)
     return Engine(model, tokenizer)
 
@@ -232,6 +233,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) 
     parser.add_argument("--vision", help="vision tower folder (an original .pth; or to replace a folder's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config fields an original .pth cannot tell (as for convert)")
     if sampling:
         parser.add_argument("--max-new-tokens", type=int, default=256)
         parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

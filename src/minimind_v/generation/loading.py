@@ -10,10 +10,11 @@ from ..device import compute_dtype, pick_device
 
 
 def load_for_inference(path: str, tokenizer: str | None = None, vision: str | None = None, device: str = "auto",
-                       dtype: str = "auto"):
+                       dtype: str = "auto", **overrides):
     """-> (model in eval mode on `device`, tokenizer). A folder brings its own tokenizer and tower (unless
     `tokenizer` / `vision` name others); an original `.pth` needs `tokenizer` (the original tokenizer folder) and `vision` (its tower folder).
-    On a GPU the weights are cast to the compute dtype of the dtype policy (bf16 where supported)."""
+    `overrides`: config fields an original checkpoint cannot tell (as for `convert --set`). On a GPU the weights are
+    cast to the compute dtype of the dtype policy (bf16 where supported)."""
     from ..data.tokenizer import load_tokenizer
     from ..interop.original import load_original
     from ..models.vlm import MiniMindVLM
@@ -27,7 +28,7 @@ def load_for_inference(path: str, tokenizer: str | None = None, vision: str | No
         if tokenizer is None:
             raise ValueError(f"{path} is an original checkpoint: pass --tokenizer with its tokenizer folder (and "
                              "--vision with its vision tower folder for images)")
-        model, tok = load_original(path, vision_model_path=vision), load_tokenizer(tokenizer)
+        model, tok = load_original(path, vision_model_path=vision, **overrides), load_tokenizer(tokenizer)
     target = pick_device(device)
     model = model.to(target, compute_dtype(target, dtype)).eval()
     return model, tok
