@@ -154,3 +154,25 @@ def test_the_guides_helper_functions(engine, tokenizer):
     assert multimodal_generate(model, tokenizer, "this shows", images[0], max_length=8, top_k=1) == greedy
     with pytest.raises(ValueError, match="one image per text"):
         batch_multimodal_inference(model, tokenizer, texts, images[:2])
+
+
+def test_a_stream_can_be_resumed_on_another_thread(engine):
+    """Web servers resume a streaming generator on whichever worker thread is free."""
+    import threading
+
+    request = ask("threads", [image(9)], max_new_tokens=10)
+    expected = engine.generate([request])[0].text
+    stream, pieces = engine.stream([request]), []
+
+    def take(count):
+        for _ in range(count):
+            delta = next(stream, None)
+            if delta is not None:
+                pieces.append(delta.text)
+
+    for _ in range(12):  # one delta per thread
+        worker = threading.Thread(target=take, args=(1,))
+        worker.start()
+        worker.join()
+    take(20)
+    assert "".join(pieces) == expected

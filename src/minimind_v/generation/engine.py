@@ -155,26 +155,19 @@ class Engine:
             ids = self.encode(r)
             rows.append(_Row(self, ids, r.params, min(r.params.max_new_tokens, self.context - len(ids))))
         images = [image for r in requests for image in r.images]
-        with self.lock, torch.inference_mode():
+        with self.lock:
             yield from self._decode(rows, images)
 
+    # Inference mode is thread-local and a streaming caller (a web server) may resume this generator on another
+    # thread, so each step enters it afresh and no `yield` happens inside it.
     def _decode(self, rows: list[_Row], images: list[Image.Image]) -> Iterator[StreamDelta]:
-        start = time.perf_counter()
-        ids, mask = self._batch(rows)  # [B, L] each
-        batch, length = ids.shape
-        total = length + max(row.max_new for row in rows)
-        cache = PreallocatedCache(self.model.config.num_hidden_layers, total)
-        full_mask = torch.ones(batch, total, dtype=torch.long, device=self.device)  # [B, L + max_new]
-        full_mask[:, :length] = mask
-        padded = bool((mask == 0).any())
-        features = self.features(images, [""] * len(images), self.device) if images else None
-        out = self.model(input_ids=ids, attention_mask=mask if padded else None, image_features=features,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        history = ids  # [B, L + steps so far]: what repetition penalties look at
-        choosers = [TokenChooser(row.params, self.device) for row in rows]
-        prefill_done, step = None, 0
+        start, prefill_done = time.perf_counter(), None
+        with torch.inference_mode():
+            state = self._prefill(rows, images)
+            choosers = [TokenChooser(row.params, self.device) for row in rows]
         while True:
-            tokens = self._choose(rows, choosers, history, out.logits[:, -1])  # a list: the device has finished
+            with torch.inference_mode():
+                tokens = self._choose(rows, choosers, state["history"], state["logits"])  # a list: device done
             prefill_done = prefill_done or time.perf_counter()  # prefill = time to the first token
             for i, (row, token) in enumerate(zip(rows, tokens)):
                 if row.finish is None:
@@ -185,12 +178,33 @@ class Engine:
                         yield StreamDelta(i, delta)
             if all(row.finish is not None for row in rows):
                 return
-            step += 1
-            feed = torch.tensor([[t if row.finish is None else self.pad_id] for row, t in zip(rows, tokens)],
-                                device=self.device)  # [B, 1]
-            history = torch.cat([history, feed], dim=1)
-            out = self.model(input_ids=feed, attention_mask=full_mask[:, :length + step] if padded else None,
-                             past_key_values=cache, use_cache=True)
+            with torch.inference_mode():
+                self._advance(state, rows, tokens)
+
+    def _prefill(self, rows: list[_Row], images: list[Image.Image]) -> dict:
+        """Run the prompts (images spliced in) into a fresh cache; the decoding state."""
+        ids, mask = self._batch(rows)  # [B, L] each
+        batch, length = ids.shape
+        total = length + max(row.max_new for row in rows)
+        cache = PreallocatedCache(self.model.config.num_hidden_layers, total)
+        full_mask = torch.ones(batch, total, dtype=torch.long, device=self.device)  # [B, L + max_new]
+        full_mask[:, :length] = mask
+        padded = bool((mask == 0).any())
+        features = self.features(images, [""] * len(images), self.device) if images else None
+        out = self.model(input_ids=ids, attention_mask=mask if padded else None, image_features=features,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return {"cache": cache, "mask": full_mask if padded else None, "length": length,
+                "history": ids, "logits": out.logits[:, -1]}  # history [B, L + steps]: for repetition penalties
+
+    def _advance(self, state: dict, rows: list[_Row], tokens: list[int]) -> None:
+        """Feed each row's new token (a pad for finished rows) and keep the next logits [B, V]."""
+        feed = torch.tensor([[t if row.finish is None else self.pad_id] for row, t in zip(rows, tokens)],
+                            device=self.device)  # [B, 1]
+        state["history"] = torch.cat([state["history"], feed], dim=1)
+        seen = state["history"].shape[1]
+        mask = state["mask"][:, :seen] if state["mask"] is not None else None
+        out = self.model(input_ids=feed, attention_mask=mask, past_key_values=state["cache"], use_cache=True)
+        state["logits"] = out.logits[:, -1]
 
     def _batch(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded input_ids and attention mask, [B, L]."""
