@@ -30,7 +30,7 @@ def run(workspace, out, **kw) -> Trainer:  # noqa: F811
 def test_mixed_precision_tracks_fp32(workspace, tmp_path, device, dtype):  # noqa: F811
     if device == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    reference = run(workspace, tmp_path / "fp32", device=device, dtype="fp32", max_steps=6)
+    run(workspace, tmp_path / "fp32", device=device, dtype="fp32", max_steps=6)
     mixed = run(workspace, tmp_path / dtype, device=device, dtype=dtype, max_steps=6)
     assert mixed.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     assert mixed.scaler.is_enabled() == (dtype == "fp16")  # a GradScaler only where fp16 needs one

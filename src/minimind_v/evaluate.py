@@ -2,8 +2,8 @@
 
 Items come from a JSONL file (`{"question": ..., "answer": ..., "image": path | [paths], "type": ...}`, `<image>`
 marking where each image goes; without a marker the image is put before the question), or are built by code (the
-demo). Answers are generated greedily in left-padded batches with the KV cache; image features can come from a
-feature cache.
+demo). Answers are generated greedily by the generation engine in left-padded batches; image features can come
+from a feature cache.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import re
 import string
 from dataclasses import dataclass, field
 
-import torch
 from PIL import Image
 
 from .training.features import ImageFeatures, file_key, pixel_key
 from .models.vision_tower import to_rgb
-from .data.processing import IMAGE_MARKER, chat_prompt
+from .data.processing import IMAGE_MARKER
 
 _PUNCTUATION = set(string.punctuation) | set("。，！？；：“”‘’（）、")
 
@@ -62,26 +61,16 @@ def load_qa_jsonl(path: str, image_root: str | None = None) -> list[QAItem]:
 
 def generate_answers(model, tokenizer, items: list[QAItem], features: ImageFeatures | None = None,
                      batch_size: int = 64, max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers, batch by batch (left padding; images as precomputed features)."""
-    tower = model.vision_tower
-    features = features or (ImageFeatures(tower) if tower is not None else None)
-    device, answers = model.device, []
-    previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            texts = [chat_prompt(tokenizer, model.config, item.question) for item in batch]
-            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            images = [img for item in batch for img in item.images]
-            keys = [key for item in batch for key in (item.image_keys or [pixel_key(i) for i in item.images])]
-            extra = {"image_features": features(images, keys, device)} if images else {}
-            with torch.no_grad():
-                out = model.generate(**encoded, **extra, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            new = out[:, encoded["input_ids"].shape[1]:]
-            answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = previous_side
+    """Greedy answers, `batch_size` questions at a time, through the generation engine (left padding, KV cache);
+    image features come from `features` (a feature cache) when given."""
+    from .generation import Engine, GenerationRequest, SamplingParams
+
+    engine, params, answers = Engine(model, tokenizer, features), SamplingParams(max_new_tokens=max_new_tokens), []
+    for start in range(0, len(items), batch_size):
+        requests = [GenerationRequest(messages=[{"role": "user", "content": item.question}], images=item.images,
+                                      params=params, image_keys=item.image_keys or [pixel_key(i) for i in item.images])
+                    for item in items[start:start + batch_size]]
+        answers += [result.text.strip() for result in engine.generate(requests)]
     return answers
 
 

@@ -50,13 +50,9 @@ def end_to_end(engine: Engine, requests: list[GenerationRequest], use_generate: 
     synchronize(engine.device)
     start = time.perf_counter()
     if use_generate:
-        rows = [engine.encode(r) for r in requests]
-        length = max(map(len, rows))
-        ids = torch.tensor([[engine.pad_id] * (length - len(r)) + r for r in rows], device=engine.device)
-        mask = (torch.arange(length, device=engine.device)[None] >= torch.tensor(
-            [length - len(r) for r in rows], device=engine.device)[:, None]).long()  # [B, L]
-        images = [image for r in requests for image in r.images]
-        extra = {"image_features": engine.features(images, [""] * len(images), engine.device)} if images else {}
+        with torch.inference_mode():
+            ids, mask, features = engine.prepare(requests)  # [B, L], [B, L], [num_images, T, ve] or None
+        extra = {"image_features": features} if features is not None else {}
         with torch.inference_mode():
             engine.model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                   do_sample=False, pad_token_id=engine.pad_id, **extra)

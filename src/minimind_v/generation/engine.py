@@ -37,6 +37,7 @@ class GenerationRequest:
     text: str | None = None
     images: list[Image.Image] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
+    image_keys: list[str] = field(default_factory=list)  # content keys, when the engine has a feature cache
 
 
 @dataclass
@@ -106,10 +107,12 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, features: ImageFeatures | None = None):
+        """`features`: the tower behind a feature cache (evaluation reuses cached features); by default the
+        model's own tower, uncached."""
         self.model, self.tokenizer = model.eval(), tokenizer
         tower = model.vision_tower
-        self.features = ImageFeatures(tower) if tower is not None else None
+        self.features = features or (ImageFeatures(tower) if tower is not None else None)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         self.eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos_ids.discard(None)
@@ -154,16 +157,15 @@ class Engine:
         for r in requests:
             ids = self.encode(r)
             rows.append(_Row(self, ids, r.params, min(r.params.max_new_tokens, self.context - len(ids))))
-        images = [image for r in requests for image in r.images]
         with self.lock:
-            yield from self._decode(rows, images)
+            yield from self._decode(rows, requests)
 
     # Inference mode is thread-local and a streaming caller (a web server) may resume this generator on another
     # thread, so each step enters it afresh and no `yield` happens inside it.
-    def _decode(self, rows: list[_Row], images: list[Image.Image]) -> Iterator[StreamDelta]:
+    def _decode(self, rows: list[_Row], requests: list[GenerationRequest]) -> Iterator[StreamDelta]:
         start, prefill_done = time.perf_counter(), None
         with torch.inference_mode():
-            state = self._prefill(rows, images)
+            state = self._prefill(rows, requests)
             choosers = [TokenChooser(row.params, self.device) for row in rows]
         while True:
             with torch.inference_mode():
@@ -181,16 +183,29 @@ class Engine:
             with torch.inference_mode():
                 self._advance(state, rows, tokens)
 
-    def _prefill(self, rows: list[_Row], images: list[Image.Image]) -> dict:
+    def prepare(self, requests: list[GenerationRequest], prompts: list[list[int]] | None = None):
+        """-> left-padded input_ids [B, L], attention mask [B, L], image features [num_images, T, ve] or None."""
+        prompts = prompts or [self.encode(r) for r in requests]
+        length = max(map(len, prompts))
+        ids = torch.tensor([[self.pad_id] * (length - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        images = [image for r in requests for image in r.images]
+        if not images:
+            return ids, mask, None
+        keys = [key for r in requests for key in (r.image_keys or [""] * len(r.images))]
+        return ids, mask, self.features(images, keys, self.device)
+
+    def _prefill(self, rows: list[_Row], requests: list[GenerationRequest]) -> dict:
         """Run the prompts (images spliced in) into a fresh cache; the decoding state."""
-        ids, mask = self._batch(rows)  # [B, L] each
+        ids, mask, features = self.prepare(requests, [row.prompt_ids for row in rows])  # [B, L], [B, L]
         batch, length = ids.shape
+        for row in rows:
+            row.pad = length - len(row.prompt_ids)
         total = length + max(row.max_new for row in rows)
         cache = PreallocatedCache(self.model.config.num_hidden_layers, total)
         full_mask = torch.ones(batch, total, dtype=torch.long, device=self.device)  # [B, L + max_new]
         full_mask[:, :length] = mask
         padded = bool((mask == 0).any())
-        features = self.features(images, [""] * len(images), self.device) if images else None
         out = self.model(input_ids=ids, attention_mask=mask if padded else None, image_features=features,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         return {"cache": cache, "mask": full_mask if padded else None, "length": length,
@@ -205,17 +220,6 @@ class Engine:
         mask = state["mask"][:, :seen] if state["mask"] is not None else None
         out = self.model(input_ids=feed, attention_mask=mask, past_key_values=state["cache"], use_cache=True)
         state["logits"] = out.logits[:, -1]
-
-    def _batch(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded input_ids and attention mask, [B, L]."""
-        length = max(len(row.prompt_ids) for row in rows)
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row.prompt_ids)
-            row.pad = length - n
-            ids[i, row.pad:], mask[i, row.pad:] = torch.tensor(row.prompt_ids), 1
-        return ids.to(self.device), mask.to(self.device)
 
     def _choose(self, rows: list[_Row], choosers: list[TokenChooser], history: torch.Tensor,
                 logits: torch.Tensor) -> list[int]:

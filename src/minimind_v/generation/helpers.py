@@ -33,14 +33,10 @@ def batch_multimodal_inference(model, tokenizer, texts: list[str], images: list[
         raise ValueError(f"{len(texts)} texts but {len(images)} images; give one image per text")
     engine, results = Engine(model, tokenizer), []
     for start in range(0, len(texts), batch_size):
-        rows = [engine.encode(GenerationRequest(text=t + IMAGE_MARKER, images=[i]))
-                for t, i in zip(texts[start:start + batch_size], images[start:start + batch_size])]
-        length = max(map(len, rows))
-        ids = torch.tensor([[engine.pad_id] * (length - len(r)) + r for r in rows], device=engine.device)
-        mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=engine.device)
-        batch_images = images[start:start + batch_size]
+        batch = [GenerationRequest(text=t + IMAGE_MARKER, images=[i])
+                 for t, i in zip(texts[start:start + batch_size], images[start:start + batch_size])]
         with torch.inference_mode():
-            features = engine.features(batch_images, [""] * len(batch_images), engine.device)
+            ids, mask, features = engine.prepare(batch)  # left-padded [B, L], features [B, T, ve]
             logits = model(input_ids=ids, attention_mask=mask, image_features=features, use_cache=False,
                            logits_to_keep=1).logits  # [B, 1, V]
         results += logits[:, -1].argmax(-1).tolist()
