@@ -18,7 +18,7 @@ from typing import Any
 from transformers import PretrainedConfig
 from transformers.generation import GenerationConfig
 
-PROJECTOR_TYPES = ("linear", "mlp")
+PROJECTOR_TYPES = ("linear", "mlp", "cross_attn")
 VISION_TOWER_KINDS = ("auto", "clip", "siglip", "efficientnet")
 
 # Keys that transformers itself passes through `__init__(**kwargs)` (loading, saving, generation, remote code).
@@ -77,7 +77,10 @@ class MiniMindVConfig(PretrainedConfig):
     image_ids: list[int] = field(default_factory=_default_image_ids)  # its token ids
     image_token_len: int | None = None  # visual tokens per image; None: len(image_ids)
     ve_hidden_size: int = 768  # width of the vision tower's features
-    projector_type: str = "linear"
+    projector_type: str = "linear"  # linear | mlp (one output per tower token) | cross_attn (learned queries)
+    projector_layers: int = 2  # cross_attn: cross-attention blocks
+    projector_heads: int = 8  # cross_attn: attention heads (must divide hidden_size)
+    vision_tokens: int | None = None  # tokens per image from the tower; None: see tower_tokens
     vision_tower_path: str | None = None  # local Hugging Face folder of the frozen vision tower
     vision_tower_kind: str = "auto"
     vision_config: dict | None = None  # the tower's own HF config when its weights travel inside the checkpoint
@@ -126,6 +129,22 @@ class MiniMindVConfig(PretrainedConfig):
             raise ValueError("image_ids must be a non-empty run of one placeholder token id, e.g. [34] * 196")
         if self.image_token_len is None:
             self.image_token_len = len(self.image_ids)
+        if self.projector_type == "cross_attn":
+            if self.projector_layers < 1 or self.hidden_size % self.projector_heads:
+                raise ValueError(f"cross_attn projector: projector_layers must be >= 1 and projector_heads "
+                                 f"({self.projector_heads}) must divide hidden_size ({self.hidden_size})")
+        elif self.vision_tokens is not None and self.vision_tokens != self.image_token_len:
+            raise ValueError(f"the {self.projector_type} projector makes one visual token per tower token, so "
+                             f"vision_tokens ({self.vision_tokens}) must equal image_token_len "
+                             f"({self.image_token_len}); use projector_type='cross_attn' to resample")
+
+    @property
+    def tower_tokens(self) -> int | None:
+        """Tokens per image the vision tower must give: the placeholder run for the per-token projectors;
+        `vision_tokens` for cross_attn (None: whatever the tower gives; EfficientNet-Lite0 then gives 49)."""
+        if self.vision_tokens is not None:
+            return self.vision_tokens
+        return None if self.projector_type == "cross_attn" else self.image_token_len
 
     @property
     def image_token_id(self) -> int:

@@ -145,5 +145,8 @@ def load_state_strict(model: MiniMindVLM, state: dict[str, torch.Tensor], source
 
 def save_original(model: MiniMindVLM, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
     """Write the original layout: the same keys (tower left out), fp16 as the original trainer saves."""
+    if model.config.projector_type not in ("linear", "mlp"):
+        raise ValueError(f"the original .pth layout knows only the linear and mlp projectors, not "
+                         f"{model.config.projector_type!r}; keep this model as a folder (save_pretrained)")
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict_without_tower().items()}
     torch.save(state, path)

@@ -46,7 +46,7 @@ class MiniMindVLM(MiniMindForCausalLM):
             self.attach_vision_tower(vision_tower_from_config(config.vision_config))
             return
         path = config.vision_tower_path if vision_model_path == _FROM_CONFIG else vision_model_path
-        tower, _ = (self.get_vision_model(path, config.vision_tower_kind, config.image_token_len) if path
+        tower, _ = (self.get_vision_model(path, config.vision_tower_kind, config.tower_tokens or 49) if path
                     else (None, None))
         if tower is not None:
             self.attach_vision_tower(tower, path)
@@ -93,9 +93,10 @@ class MiniMindVLM(MiniMindForCausalLM):
         if tower.hidden_size != self.config.ve_hidden_size:
             raise ValueError(f"vision tower features are {tower.hidden_size} wide but config.ve_hidden_size is "
                              f"{self.config.ve_hidden_size}")
-        if tower.num_tokens != self.config.image_token_len:
-            raise ValueError(f"vision tower gives {tower.num_tokens} tokens per image but the config's placeholder "
-                             f"run (image_token_len) is {self.config.image_token_len}")
+        expected = self.config.tower_tokens
+        if expected is not None and tower.num_tokens != expected:
+            what = "vision_tokens" if self.config.vision_tokens is not None else "the placeholder run (image_token_len)"
+            raise ValueError(f"vision tower gives {tower.num_tokens} tokens per image but {what} is {expected}")
         weight = self.lm_head.weight
         self.vision_tower = tower.to(weight.device)
         if path is not None:
@@ -174,7 +175,7 @@ class MiniMindVLM(MiniMindForCausalLM):
                 raise FileNotFoundError(f"{pretrained_model_name_or_path}: vision tower folder {path!r} not found; "
                                         "pass vision_model_path=<local folder> (or None for a text-only model)")
             model.attach_vision_tower(load_vision_tower(path, model.config.vision_tower_kind,
-                                                        model.config.image_token_len), path)
+                                                        model.config.tower_tokens or 49), path)
             model.vision_tower.to(model.dtype)
         return (model, info) if want_info else model
 
