@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerFast, SiglipImageProcessorPil,
                           SiglipVisionConfig, SiglipVisionModel)
 
 from minimind_v import MiniMindVConfig
+from minimind_v.training.trainer import TrainArgs
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -75,3 +84,46 @@ def tiny_config(**overrides) -> MiniMindVConfig:
                 intermediate_size=128, max_position_embeddings=512, image_special_token="@" * 16,
                 image_ids=[34] * 16, ve_hidden_size=32)
     return MiniMindVConfig(**{**base, **overrides})
+
+
+# --- a tiny training workspace (text JSONL + conversation parquet + CLIP tower), shared by the training tests
+
+MODEL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, intermediate_size=96,
+             max_position_embeddings=256, image_special_token="@" * 16, image_ids=[34] * 16, ve_hidden_size=32,
+             vision_tower_kind="clip")
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def png(color) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    build_tokenizer().save_pretrained(root / "tokenizer")
+    with open(root / "text.jsonl", "w") as f:
+        for i in range(96):
+            f.write(json.dumps({"text": f"the {list(COLORS)[i % 3]} square is number {i % 7}."}) + "\n")
+    rows = [(json.dumps([{"role": "user", "content": "<image>\nwhat color is it?"},
+                         {"role": "assistant", "content": name}]), png(rgb))
+            for i in range(48) for name, rgb in [list(COLORS.items())[i % 3]]]
+    rows.append((rows[0][0], b"\x89PNG not really"))  # a corrupt image: skipped and counted
+    pq.write_table(pa.table({"conversations": [r[0] for r in rows],
+                             "image_bytes": pa.array([r[1] for r in rows], type=pa.binary())}), root / "sft.parquet")
+    return {"root": root, "tokenizer": str(root / "tokenizer"), "text": str(root / "text.jsonl"),
+            "sft": str(root / "sft.parquet"), "clip": save_clip(root / "clip")}
+
+
+def args_for(ws, stage, out, **kw) -> TrainArgs:
+    data = ws["text"] if stage == "pretrain-llm" else ws["sft"]
+    base = dict(stage=stage, data=data, out_dir=str(out), tokenizer=ws["tokenizer"], vision=ws["clip"],
+                overrides=dict(MODEL), batch_size=8, lr=3e-3, max_seq_len=64, log_every=1, warmup_ratio=0.1,
+                device="cpu")  # test_train_options.py runs the numeric options on a GPU too
+    return TrainArgs(**{**base, **kw})
+
+
+def weights(out) -> dict:
+    return load_file(os.path.join(out, "model", "model.safetensors"))

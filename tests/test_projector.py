@@ -8,7 +8,6 @@ from PIL import Image
 from conftest import tiny_config
 from minimind_v import MiniMindVConfig, MiniMindVLM
 from minimind_v.models.projector import CrossAttnProjector
-from test_train import workspace  # noqa: F401  (the shared tiny training workspace)
 
 
 def test_resamples_any_number_of_tokens_to_the_queries():
@@ -80,11 +79,11 @@ def test_original_pth_layout_refuses_cross_attn(clip_dir, tmp_path):
     assert not (tmp_path / "x.pth").exists()
 
 
-def test_the_training_loop_trains_a_cross_attn_model(workspace, tmp_path):  # noqa: F811
+def test_the_training_loop_trains_a_cross_attn_model(workspace, tmp_path):
     import json
 
     from minimind_v.training.trainer import Trainer
-    from test_train import MODEL, args_for
+    from conftest import MODEL, args_for
 
     overrides = dict(MODEL, projector_type="cross_attn", projector_heads=4, image_special_token="@" * 4,
                      image_ids=[34] * 4)

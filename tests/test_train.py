@@ -1,65 +1,20 @@
 """The training loop: freeze strategies, batching, a loss that falls, resume, 2-process Gloo, CLI; evaluation."""
 
-import io
 import json
 import os
 import socket
 import subprocess
 import sys
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from conftest import build_tokenizer, save_clip, tiny_config
+from conftest import COLORS, args_for, tiny_config, weights
 from minimind_v import MiniMindVLM
 from minimind_v.cli import main
 from minimind_v.evaluate import QAItem, generate_answers, normalize_answer, score
 from minimind_v.training.trainer import STAGES, TrainArgs, Trainer, apply_freeze, lr_factor, micro_batches, step_batches
-
-MODEL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, intermediate_size=96,
-             max_position_embeddings=256, image_special_token="@" * 16, image_ids=[34] * 16, ve_hidden_size=32,
-             vision_tower_kind="clip")
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-
-
-def png(color) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    build_tokenizer().save_pretrained(root / "tokenizer")
-    with open(root / "text.jsonl", "w") as f:
-        for i in range(96):
-            f.write(json.dumps({"text": f"the {list(COLORS)[i % 3]} square is number {i % 7}."}) + "\n")
-    rows = [(json.dumps([{"role": "user", "content": "<image>\nwhat color is it?"},
-                         {"role": "assistant", "content": name}]), png(rgb))
-            for i in range(48) for name, rgb in [list(COLORS.items())[i % 3]]]
-    rows.append((rows[0][0], b"\x89PNG not really"))  # a corrupt image: skipped and counted
-    pq.write_table(pa.table({"conversations": [r[0] for r in rows],
-                             "image_bytes": pa.array([r[1] for r in rows], type=pa.binary())}), root / "sft.parquet")
-    return {"root": root, "tokenizer": str(root / "tokenizer"), "text": str(root / "text.jsonl"),
-            "sft": str(root / "sft.parquet"), "clip": save_clip(root / "clip")}
-
-
-def args_for(ws, stage, out, **kw) -> TrainArgs:
-    data = ws["text"] if stage == "pretrain-llm" else ws["sft"]
-    base = dict(stage=stage, data=data, out_dir=str(out), tokenizer=ws["tokenizer"], vision=ws["clip"],
-                overrides=dict(MODEL), batch_size=8, lr=3e-3, max_seq_len=64, log_every=1, warmup_ratio=0.1,
-                device="cpu")  # test_train_options.py runs the numeric options on a GPU too
-    return TrainArgs(**{**base, **kw})
-
-
-def weights(out) -> dict:
-    return load_file(os.path.join(out, "model", "model.safetensors"))
-
 
 def test_freeze_strategies(clip_dir):
     model = MiniMindVLM(tiny_config(num_hidden_layers=3), vision_model_path=clip_dir)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minimind_v.training.trainer import Trainer
-from test_train import args_for, weights, workspace  # noqa: F401  (the shared tiny workspace fixture)
+from conftest import args_for, weights
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -19,7 +19,7 @@ def losses(out) -> list[float]:
     return [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
 
 
-def run(workspace, out, **kw) -> Trainer:  # noqa: F811
+def run(workspace, out, **kw) -> Trainer:
     trainer = Trainer(args_for(workspace, "sft", out, freeze=0, feature_cache=None, **kw))
     trainer.run()
     return trainer
@@ -27,7 +27,7 @@ def run(workspace, out, **kw) -> Trainer:  # noqa: F811
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_mixed_precision_tracks_fp32(workspace, tmp_path, device, dtype):  # noqa: F811
+def test_mixed_precision_tracks_fp32(workspace, tmp_path, device, dtype):
     if device == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     run(workspace, tmp_path / "fp32", device=device, dtype="fp32", max_steps=6)
@@ -42,7 +42,7 @@ def test_mixed_precision_tracks_fp32(workspace, tmp_path, device, dtype):  # noq
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradient_checkpointing_changes_nothing_but_memory(workspace, tmp_path, device):  # noqa: F811
+def test_gradient_checkpointing_changes_nothing_but_memory(workspace, tmp_path, device):
     run(workspace, tmp_path / "plain", device=device, dtype="fp32", max_steps=3)
     run(workspace, tmp_path / "ckpt", device=device, dtype="fp32", max_steps=3, grad_checkpointing=True)
     assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
@@ -53,7 +53,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(workspace, tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_model_trains_like_eager(workspace, tmp_path, device):  # noqa: F811
+def test_compiled_model_trains_like_eager(workspace, tmp_path, device):
     run(workspace, tmp_path / "eager", device=device, dtype="fp32", max_steps=3)
     compiled = run(workspace, tmp_path / "compiled", device=device, dtype="fp32", max_steps=3, compile=True)
     assert compiled.wrapped is not compiled.model  # the step really ran through torch.compile
@@ -70,7 +70,7 @@ def fake_wandb(calls: list) -> types.ModuleType:
     return module
 
 
-def test_wandb_receives_every_logged_metric(workspace, tmp_path, monkeypatch):  # noqa: F811
+def test_wandb_receives_every_logged_metric(workspace, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb(calls))
     run(workspace, tmp_path / "w", max_steps=3, loggers=["wandb"])
@@ -81,7 +81,7 @@ def test_wandb_receives_every_logged_metric(workspace, tmp_path, monkeypatch):  
     assert {"lr", "grad_norm", "tokens_per_s"} <= set(steps[0][1])
 
 
-def test_missing_or_unknown_logger_is_a_clear_error(workspace, tmp_path, monkeypatch):  # noqa: F811
+def test_missing_or_unknown_logger_is_a_clear_error(workspace, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "swanlab", None)  # as if not installed
     with pytest.raises(ValueError, match="--log swanlab needs the swanlab package"):
         run(workspace, tmp_path / "s", max_steps=1, loggers=["swanlab"])
