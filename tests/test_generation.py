@@ -117,6 +117,8 @@ def test_bad_requests_are_clear_errors(engine, tokenizer):
                                            images=[image(1), image(2)])])
     with pytest.raises(RequestError, match="context is 512 tokens"):
         engine.generate([ask("y" * 600)])
+    with pytest.raises(RequestError, match="turned 0 <image> marker.* into 1 placeholder ids"):
+        engine.generate([ask("mail me @ home")])  # a typed placeholder character would shift the image splice
     with pytest.raises(RequestError, match="either chat messages or a raw text"):
         engine.generate([GenerationRequest()])
     for bad in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(stop=[""])):

@@ -37,6 +37,12 @@ def compute_dtype(device: torch.device, preference: str = "auto") -> torch.dtype
     return torch.float32
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (timings); nothing to wait for elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def memory_report(device: torch.device) -> str:
     """Allocated / reserved memory on a GPU, resident memory of this process otherwise."""
     if device.type == "cuda":

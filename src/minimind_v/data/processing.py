@@ -37,9 +37,14 @@ def encode_prompt(tokenizer, config: MiniMindVConfig, messages: list[dict[str, s
     input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     markers = sum(m["content"].count(IMAGE_MARKER) for m in
                   ([{"content": messages}] if isinstance(messages, str) else messages))
-    found = int((input_ids == config.image_token_id).sum())
+    check_placeholders(input_ids[0].tolist(), markers, config)
+    return input_ids
+
+
+def check_placeholders(input_ids: list[int], markers: int, config: MiniMindVConfig) -> None:
+    """ValueError unless the ids hold one full placeholder run per `<image>` marker."""
+    found = sum(1 for i in input_ids if i == config.image_token_id)
     if found != markers * config.image_token_len:
         raise ValueError(f"the tokenizer turned {markers} <image> marker(s) into {found} placeholder ids "
                          f"(id {config.image_token_id}); expected {markers * config.image_token_len} — is this the "
                          "model's own tokenizer?")
-    return input_ids

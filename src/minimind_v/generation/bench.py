@@ -11,8 +11,8 @@ import time
 import torch
 from PIL import Image
 
+from ..device import synchronize
 from .engine import Engine, GenerationRequest
-from .loading import synchronize
 from .sampling import SamplingParams
 
 

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from ..data.processing import IMAGE_MARKER, chat_prompt, expand_image_markers
+from ..data.processing import IMAGE_MARKER, chat_prompt, check_placeholders, expand_image_markers
 from ..training.features import ImageFeatures
 from .kv_cache import PreallocatedCache
 from .sampling import SamplingParams, TokenChooser
@@ -97,7 +97,7 @@ class _Row:
         for stop in self.params.stop:
             for k in range(min(len(stop) - 1, end), 0, -1):
                 if self.text[:end].endswith(stop[:k]):
-                    end = min(end, len(self.text[:end]) - k)
+                    end -= k
                     break
         return max(end, self.released)
 
@@ -140,6 +140,10 @@ class Engine:
         if request.images and self.features is None:
             raise RequestError("this model has no vision tower, so it cannot take images")
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        try:
+            check_placeholders(ids, markers, config)
+        except ValueError as err:  # e.g. a literal placeholder typed into a message, or a foreign tokenizer
+            raise RequestError(str(err)) from None
         if len(ids) >= self.context:
             raise RequestError(f"the prompt is {len(ids)} tokens; this model's context is {self.context} tokens")
         return ids

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from ..device import compute_dtype, pick_device
 
 
@@ -39,8 +37,3 @@ def describe(model) -> str:
     params = sum(p.numel() for p in model.parameters())
     dtype = next(model.parameters()).dtype
     return f"{params / 1e6:.1f}M parameters on {model.device} in {str(dtype).replace('torch.', '')}"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

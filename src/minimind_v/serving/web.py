@@ -4,7 +4,7 @@ sampling. Each browser session keeps its own history (messages with `<image>` ma
 from __future__ import annotations
 
 from ..data.processing import IMAGE_MARKER
-from ..generation import Engine, GenerationRequest, RequestError, SamplingParams
+from ..generation import Engine, GenerationRequest, SamplingParams
 
 
 def empty_history() -> dict:
@@ -28,7 +28,7 @@ def respond(engine: Engine, text: str, image, history: dict, temperature: float,
             answer += delta.text
             display[-1] = {"role": "assistant", "content": answer}
             yield display, history, "", None
-    except (RequestError, ValueError) as err:
+    except ValueError as err:  # RequestError and bad sampling settings
         display[-1] = {"role": "assistant", "content": f"[error: {err}]"}
         yield display, history, text, image
         return

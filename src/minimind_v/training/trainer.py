@@ -125,7 +125,7 @@ class Trainer:
         if args.stage not in STAGES:
             raise ValueError(f"unknown stage {args.stage!r}; choose one of {', '.join(STAGES)}")
         self.args = args
-        use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+        use_cuda = pick_device(args.device).type == "cuda"
         self.rank, self.world, local_rank = init_distributed(use_cuda)
         self.device = torch.device("cuda", local_rank) if self.world > 1 and use_cuda else pick_device(args.device)
         torch.manual_seed(args.seed)
