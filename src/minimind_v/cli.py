@@ -29,15 +29,14 @@ def load_model(args: argparse.Namespace):
     import torch
 
     from .device import pick_device
-    from .models.vlm import MiniMindVLM
+    from .models.vlm import build_vlm, load_vlm
 
     if args.model:
-        vision = {"vision_model_path": args.vision} if args.vision else {}
-        model = MiniMindVLM.from_pretrained(args.model, **vision)
+        model = load_vlm(args.model, **({"vision_model_path": args.vision} if args.vision else {}))
     else:
         torch.manual_seed(0)
         config = MiniMindVConfig.from_name(args.preset, **parse_overrides(args.set))
-        model = MiniMindVLM(config, vision_model_path=args.vision)
+        model = build_vlm(config, vision_model_path=args.vision)
     return model.to(pick_device(args.device))
 
 
@@ -88,11 +87,11 @@ def _evaluator(path: str, image_root: str | None, limit: int | None, train_args)
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, load_qa_jsonl
-    from .models.vlm import MiniMindVLM
+    from .models.vlm import load_vlm
     from .data.tokenizer import load_tokenizer
 
     items = load_qa_jsonl(args.data, args.image_root)[:args.limit]
-    model = MiniMindVLM.from_pretrained(args.model).eval()
+    model = load_vlm(args.model).eval()
     report = evaluate(model, load_tokenizer(args.tokenizer or args.model), items, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens)
     print(json.dumps(report, indent=2, ensure_ascii=False))

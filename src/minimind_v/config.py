@@ -33,6 +33,10 @@ def _default_image_ids() -> list[int]:
     return [34] * 196
 
 
+def _default_lora_targets() -> list[str]:
+    return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 class MiniMindVConfig(PretrainedConfig):
     """Configuration of MiniMind (text) and MiniMind-V (vision-language) models."""
 
@@ -84,6 +88,13 @@ class MiniMindVConfig(PretrainedConfig):
     vision_tower_path: str | None = None  # local Hugging Face folder of the frozen vision tower
     vision_tower_kind: str = "auto"
     vision_config: dict | None = None  # the tower's own HF config when its weights travel inside the checkpoint
+    # --- language model from Hugging Face (models/backbone.py) and LoRA ---
+    llm_path: str | None = None  # a local causal-LM folder or .gguf as the language model; None: MiniMind
+    trained_llm_parts: list[str] = field(default_factory=list)  # state-dict prefixes trained away from llm_path
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank on the language model's lora_targets
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=_default_lora_targets)
 
     def __post_init__(self, **kwargs: Any) -> None:
         unknown = set(kwargs) - _HF_PASSTHROUGH_KEYS - set(GenerationConfig._get_default_generation_params())
@@ -137,6 +148,8 @@ class MiniMindVConfig(PretrainedConfig):
             raise ValueError(f"the {self.projector_type} projector makes one visual token per tower token, so "
                              f"vision_tokens ({self.vision_tokens}) must equal image_token_len "
                              f"({self.image_token_len}); use projector_type='cross_attn' to resample")
+        if self.lora_rank < 0 or (self.lora_rank and not self.lora_targets):
+            raise ValueError(f"lora_rank must be >= 0 (got {self.lora_rank}) and LoRA needs lora_targets")
 
     @property
     def tower_tokens(self) -> int | None:
@@ -164,7 +177,8 @@ class MiniMindVConfig(PretrainedConfig):
 
 
 _TYPE_CHECKS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "int | None": (int, type(None)),
-                "str | None": (str, type(None)), "list[int]": (list, tuple)}
+                "str | None": (str, type(None)), "list[int]": (list, tuple),
+                "list[str]": (list, tuple)}
 
 
 def _unknown_keys_message(keys: list[str]) -> str:

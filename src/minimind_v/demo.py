@@ -145,7 +145,7 @@ def photo_answers(model, tokenizer, features: ImageFeatures) -> list[str]:
 
 def run_demo(out: str = "minimind-v-demo", size_name: str = "default", echo=print) -> dict:
     """The whole chain; returns the evaluation report (also written to <out>/report.json)."""
-    from .models.vlm import MiniMindVLM
+    from .models.vlm import load_vlm
     from .data.tokenizer import load_tokenizer, train_tokenizer
 
     if size_name not in SIZES:
@@ -172,7 +172,7 @@ def run_demo(out: str = "minimind-v-demo", size_name: str = "default", echo=prin
         echo(f"[demo] {stage}: loss {summary.get('loss')} after {summary['steps']} steps, "
              f"{summary['seconds']} s -> {stage_out}/model")
         previous = os.path.join(stage_out, "model")
-    model = MiniMindVLM.from_pretrained(previous).eval().to(pick_device())
+    model = load_vlm(previous).eval().to(pick_device())
     tokenizer = load_tokenizer(previous)
     features = ImageFeatures(model.vision_tower, cache, tower_id(model.config))
     report = evaluate(model, tokenizer, test_items(size.limit), features, batch_size=256, max_new_tokens=4)

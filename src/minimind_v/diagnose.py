@@ -30,8 +30,8 @@ def sample_inputs(model: MiniMindForCausalLM, text_tokens: int = 8) -> dict[str,
 def active_parameters(model: MiniMindForCausalLM) -> int:
     """Parameters used per token: routed experts count k / n of their weights (excludes the vision tower)."""
     total = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("vision_tower."))
-    for layer in model.model.layers:
-        if isinstance(layer.mlp, MoEFeedForward):
+    for layer in model.decoder_layers() if hasattr(model, "decoder_layers") else model.model.layers:
+        if isinstance(getattr(layer, "mlp", None), MoEFeedForward):
             routed = sum(p.numel() for p in layer.mlp.experts.parameters())
             total -= routed - routed * model.config.num_experts_per_token // model.config.n_routed_experts
     return total

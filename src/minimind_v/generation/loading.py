@@ -15,12 +15,12 @@ def load_for_inference(path: str, tokenizer: str | None = None, vision: str | No
     cast to the compute dtype of the dtype policy (bf16 where supported)."""
     from ..data.tokenizer import load_tokenizer
     from ..interop.original import load_original
-    from ..models.vlm import MiniMindVLM
+    from ..models.vlm import load_vlm
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"model not found: {path}")
     if os.path.isdir(path):
-        model = MiniMindVLM.from_pretrained(path, **({"vision_model_path": vision} if vision else {}))
+        model = load_vlm(path, **({"vision_model_path": vision} if vision else {}))
         tok = load_tokenizer(tokenizer or path)
     else:
         if tokenizer is None:

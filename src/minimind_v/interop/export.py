@@ -1,7 +1,9 @@
-"""Hugging Face folders: this project's format, the self-contained remote-code export, and `convert` between them
-and original `.pth` checkpoints.
+"""Hugging Face folders: this project's format, the merged export, the self-contained remote-code export, and
+`convert` between them and original `.pth` checkpoints.
 
 - `save_hf_folder`: model (safetensors + config; the tower referenced by path), tokenizer, image processor.
+- `export_merged`: LoRA adapters folded into the weights; a Hugging Face backbone is written whole into
+  `<out>/language_model/` (a plain transformers model folder) and the VLM refers to it, so the folder stands alone.
 - `export_remote_code`: the same plus the vision tower's weights and the modeling code itself, so that
   `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where only torch, transformers and
   pillow are installed (the way Hugging Face remote-code models travel); push it with `huggingface-cli upload`.
@@ -19,13 +21,13 @@ import torch
 from transformers import AutoTokenizer
 
 from .original import load_original, save_original
-from ..models.vlm import MiniMindVLM
+from ..models.vlm import MiniMindVLM, load_vlm
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # minimind_v/
 CONFIG_MODULE = "configuration_minimind_v"
 MODELING_MODULE = "modeling_minimind_v"
 # the modeling files, in dependency order; they land flat in the export folder
-MODEL_FILES = ("norm.py", "rope.py", "attention.py", "mlp.py", "language_model.py", "projector.py",
+MODEL_FILES = ("norm.py", "rope.py", "attention.py", "mlp.py", "language_model.py", "projector.py", "backbone.py",
                "vision_tower.py", "vlm.py")
 
 
@@ -36,6 +38,21 @@ def save_hf_folder(model: MiniMindVLM, out: str | os.PathLike, tokenizer_dir: st
         model.processor.save_pretrained(out)
     if tokenizer_dir is not None:
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+
+
+def export_merged(model, out: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """A folder without adapters and without a reference outside itself."""
+    exported = copy.deepcopy(model)
+    exported.merge_lora()
+    if exported.vision_tower is not None and hasattr(exported.vision_tower.encoder, "config"):
+        exported.embed_vision_tower()  # a CLIP/SigLIP tower travels inside (EfficientNet comes with its package)
+    if exported.config.llm_path:
+        exported.language_model.save_pretrained(os.path.join(out, "language_model"))
+        if tokenizer_dir is not None:
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(os.path.join(out, "language_model"))
+        exported.config.llm_path = "language_model"  # relative: resolved against the folder it is loaded from
+        exported.config.trained_llm_parts = []
+    save_hf_folder(exported, out, tokenizer_dir)
 
 
 def export_remote_code(model: MiniMindVLM, out: str | os.PathLike,
@@ -69,17 +86,22 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, vision: str | 
             tokenizer: str | None = None, remote_code: bool = False, **overrides: Any) -> str:
     """`.pth` -> folder (this project's, or the remote-code export), or folder -> `.pth`. Returns what it did."""
     source, target = os.fspath(source), os.fspath(target)
-    if os.path.isdir(source) and not remote_code:
-        if not target.endswith((".pth", ".pt")):
-            raise ValueError(f"converting the folder {source!r} writes an original checkpoint: name it *.pth "
-                             "(or pass --remote-code for a self-contained export)")
-        model = MiniMindVLM.from_pretrained(source, vision_model_path=None)
-        save_original(model, target)
-        return f"wrote original checkpoint {target} ({sum(p.numel() for p in model.parameters()):,} parameters)"
+    to_pth = target.endswith((".pth", ".pt"))
     if os.path.isdir(source):
-        vision_kw = {"vision_model_path": vision} if vision else {}
-        model = MiniMindVLM.from_pretrained(source, **vision_kw)
+        vision_kw = {"vision_model_path": vision} if vision else ({"vision_model_path": None} if to_pth else {})
+        model = load_vlm(source, **vision_kw)
         tokenizer = tokenizer or (source if os.path.isfile(os.path.join(source, "tokenizer_config.json")) else None)
+        if model.config.llm_path and (to_pth or remote_code):
+            raise ValueError(f"{source} is built on a Hugging Face language model ({model.config.llm_path}); the "
+                             "original .pth layout and the remote-code export know only MiniMind: convert it to a "
+                             "folder (the merged export) instead")
+        if to_pth:
+            model.merge_lora()
+            save_original(model, target)
+            return f"wrote original checkpoint {target} ({sum(p.numel() for p in model.parameters()):,} parameters)"
+        if not remote_code:
+            export_merged(model, target, tokenizer)
+            return f"wrote merged folder {target} (LoRA adapters folded in; the language model included)"
     else:
         model = load_original(source, vision_model_path=vision, **overrides)
     if remote_code:

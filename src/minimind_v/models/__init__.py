@@ -3,8 +3,8 @@
 from .language_model import MiniMindForCausalLM, MiniMindModel, MiniMindOutput
 from .projector import LinearProjector, MLPProjector, VisionEncoder, build_projector
 from .vision_tower import VisionTower, image2tensor, load_vision_tower, to_rgb
-from .vlm import MiniMindVLM, merge_image_features
+from .vlm import HFBackboneVLM, MiniMindVLM, build_vlm, load_vlm, merge_image_features
 
 __all__ = ["MiniMindForCausalLM", "MiniMindModel", "MiniMindOutput", "LinearProjector", "MLPProjector",
            "VisionEncoder", "build_projector", "VisionTower", "image2tensor", "load_vision_tower", "to_rgb",
-           "MiniMindVLM", "merge_image_features"]
+           "MiniMindVLM", "HFBackboneVLM", "build_vlm", "load_vlm", "merge_image_features"]

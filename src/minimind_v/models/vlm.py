@@ -1,4 +1,4 @@
-"""MiniMind-V: frozen vision tower -> projector -> MiniMind language model.
+"""The VLM: frozen vision tower -> projector -> language model (MiniMind, or any Hugging Face causal LM).
 
     pixel_values [B, N, 3, H, W] -> vision_tower -> [B*N, T, ve] -> vision_proj -> [B*N, T, hidden]
     input_ids [B, L] -> embed_tokens -> [B, L, hidden]; the placeholder positions (input_ids == image token id, T per
@@ -8,6 +8,12 @@ Images are encoded at prefill only (never again once the KV cache holds them). B
 not part of the saved checkpoint: `save_pretrained` leaves it out and `from_pretrained` reloads it from
 `config.vision_tower_path`. After `embed_vision_tower()` (used by the self-contained export) its weights travel in the
 checkpoint and `config.vision_config` describes it, as LLaVA-style Hugging Face models do.
+
+Two language models behind one interface (`VisionLanguageMixin` holds everything they share):
+    MiniMindVLM      the MiniMind LM built from the config (the default); checkpoints hold every weight
+    HFBackboneVLM    `config.llm_path`, any local causal LM (models/backbone.py) in `language_model`; checkpoints
+                     hold only what was trained (projector, `trained_llm_parts`, LoRA adapters) and the base path
+`build_vlm(config)` and `load_vlm(folder)` pick the class from the config.
 """
 
 from __future__ import annotations
@@ -17,10 +23,14 @@ import os
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 
 from ..config import MiniMindVConfig
-from .language_model import MiniMindForCausalLM, MiniMindOutput
+from .backbone import add_lora, decoder_layers, is_lora_key, load_backbone, merge_lora, resize_vocab
+from .language_model import MiniMindForCausalLM, MiniMindOutput, MiniMindPreTrainedModel, causal_lm_loss
 from .projector import build_projector
 from .vision_tower import (EFFICIENTNET, VisionTower, image2tensor, load_image_processor, load_vision_tower,
                            vision_tower_from_config)
@@ -30,18 +40,16 @@ _FROM_CONFIG = "<from config>"
 TOWER_PREFIX = "vision_tower."
 
 
-class MiniMindVLM(MiniMindForCausalLM):
-    """`MiniMindVLM(params=config, vision_model_path=...)` as in the seeds, or `MiniMindVLM(config)` as in HF."""
+class VisionLanguageMixin:
+    """What both VLMs share: the frozen tower, the projector, image features spliced into the embeddings, LoRA on
+    the language model, and checkpoints (`checkpoint_state_dict` / `load_checkpoint_state`)."""
 
-    def __init__(self, config: MiniMindVConfig | None = None, vision_model_path: str | None = _FROM_CONFIG, *,
-                 params: MiniMindVConfig | None = None):
-        if (config is None) == (params is None):
-            raise ValueError("pass the config once, as `config` or as the seeds' `params`")
-        config = config if config is not None else params
-        super().__init__(config)
-        self.vision_proj = build_projector(config)
-        self.post_init()
-        self.vision_tower: VisionTower | None = None
+    config: MiniMindVConfig
+    vision_proj: nn.Module
+    vision_tower: VisionTower | None
+
+    def _init_vision(self, config: MiniMindVConfig, vision_model_path: str | None) -> None:
+        self.vision_tower = None
         if config.vision_config is not None:  # an embedded tower: built here, weights loaded with the checkpoint
             self.attach_vision_tower(vision_tower_from_config(config.vision_config))
             return
@@ -57,7 +65,7 @@ class MiniMindVLM(MiniMindForCausalLM):
         return self.vision_tower
 
     @property
-    def multi_modal_projector(self) -> torch.nn.Module:
+    def multi_modal_projector(self) -> nn.Module:
         return self.vision_proj
 
     @property
@@ -97,30 +105,32 @@ class MiniMindVLM(MiniMindForCausalLM):
         if expected is not None and tower.num_tokens != expected:
             what = "vision_tokens" if self.config.vision_tokens is not None else "the placeholder run (image_token_len)"
             raise ValueError(f"vision tower gives {tower.num_tokens} tokens per image but {what} is {expected}")
-        weight = self.lm_head.weight
-        self.vision_tower = tower.to(weight.device)
+        self.vision_tower = tower.to(next(self.vision_proj.parameters()).device)
         if path is not None:
             self.config.vision_tower_path = path if path == EFFICIENTNET else os.path.abspath(path)
 
-    # --- forward ---
-    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
-                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                labels: torch.LongTensor | None = None, position_ids: torch.LongTensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                **kwargs) -> MiniMindOutput:
-        """image_features [num_images, T, ve]: the tower's output, precomputed (e.g. from a feature cache), used
-        instead of pixel_values."""
-        if inputs_embeds is None and input_ids is not None:
-            inputs_embeds = self.model.embed_tokens(input_ids)  # [B, L, H]
-            past_len = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
-            if past_len == 0 and (pixel_values is not None or image_features is not None):  # images at prefill
-                projected = (self.encode_images(pixel_values) if image_features is None
-                             else self.vision_proj(image_features.to(self.vision_proj_dtype)))
-                inputs_embeds = merge_image_features(inputs_embeds, input_ids, projected, self.config.image_token_id)
-        hidden, cache, aux_loss = self.model(None, attention_mask, position_ids, past_key_values, inputs_embeds,
-                                             use_cache)
-        return self._head(hidden, cache, aux_loss, labels, logits_to_keep)
+    def _attach_tower_folder(self, path: str | None, source: object) -> None:
+        """The tower a loaded checkpoint names (a missing folder is an error, not a text-only model)."""
+        if not path:
+            return
+        if not os.path.isdir(path) and path != EFFICIENTNET:
+            raise FileNotFoundError(f"{source}: vision tower folder {path!r} not found; pass "
+                                    "vision_model_path=<local folder> (or None for a text-only model)")
+        self.attach_vision_tower(load_vision_tower(path, self.config.vision_tower_kind,
+                                                   self.config.tower_tokens or 49), path)
+        self.vision_tower.to(self.vision_proj_dtype)
+
+    # --- images into the embeddings ---
+    def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None,
+                     image_features: torch.Tensor | None, past_key_values: Cache | None) -> torch.Tensor:
+        """input_ids [B, L] -> embeddings [B, L, H], image features over the placeholders (at prefill only)."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, L, H]
+        past_len = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
+        if past_len == 0 and (pixel_values is not None or image_features is not None):
+            projected = (self.encode_images(pixel_values) if image_features is None
+                         else self.vision_proj(image_features.to(self.vision_proj_dtype)))
+            inputs_embeds = merge_image_features(inputs_embeds, input_ids, projected, self.config.image_token_id)
+        return inputs_embeds
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, N, 3, H, W] (or [num_images, 3, H, W], images in reading order) -> [B*N, T, hidden]."""
@@ -140,16 +150,118 @@ class MiniMindVLM(MiniMindForCausalLM):
     def vision_proj_dtype(self) -> torch.dtype:
         return next(self.vision_proj.parameters()).dtype
 
-    # --- Hugging Face save / load: the frozen tower is reloaded from its folder unless it is embedded ---
-    def state_dict_without_tower(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(TOWER_PREFIX)}
-
     def embed_vision_tower(self) -> None:
         """Make checkpoints self-contained: the tower's weights and config are saved with the model from now on."""
         if self.vision_tower is None or not hasattr(self.vision_tower.encoder, "config"):
             raise ValueError("only a Hugging Face CLIP/SigLIP vision tower can be embedded in a checkpoint")
         self.config.vision_config = self.vision_tower.encoder.config.to_dict()
         self.config.vision_tower_path = None
+
+    # --- the language model: its layers, LoRA, what was trained ---
+    def lora_root(self) -> nn.Module:
+        """The module LoRA adapters go into (the language model without the vision parts)."""
+        raise NotImplementedError
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return decoder_layers(self.lora_root())
+
+    def enable_lora(self, rank: int, alpha: float | None = None, dropout: float | None = None,
+                    targets: list[str] | None = None) -> None:
+        """Add LoRA adapters to a model that has none (recorded in the config, so checkpoints reload them)."""
+        if self.config.lora_rank:
+            raise ValueError(f"the model already has LoRA adapters (rank {self.config.lora_rank})")
+        for name, value in (("lora_alpha", alpha), ("lora_dropout", dropout), ("lora_targets", targets)):
+            if value is not None:
+                setattr(self.config, name, value)
+        self.config.lora_rank = rank
+        add_lora(self.lora_root(), self.config)
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the weights they adapt (for export); the model has no adapters afterwards."""
+        if self.config.lora_rank:
+            merge_lora(self.lora_root())
+            if self.config.llm_path:  # the merged weights now differ from the base: every adapted layer is saved
+                self.mark_trained(list(self.decoder_layers()))
+            self.config.lora_rank = 0
+
+    def mark_trained(self, modules: list[nn.Module]) -> None:
+        """Record that these language-model modules move away from the base weights (HF backbones save them)."""
+        if not self.config.llm_path:
+            return
+        names = {id(m): name for name, m in self.named_modules()}
+        self.config.trained_llm_parts = sorted(set(self.config.trained_llm_parts) |
+                                               {names[id(m)] + "." for m in modules})
+
+    def saves(self, key: str) -> bool:
+        """Whether a checkpoint holds this state-dict key."""
+        if key.startswith(TOWER_PREFIX):
+            return self.config.vision_config is not None
+        return True
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds (tied weights once)."""
+        seen, state = set(), {}
+        for key, value in self.state_dict().items():
+            if self.saves(key) and value.data_ptr() not in seen:
+                seen.add(value.data_ptr())
+                state[key] = value
+        return state
+
+    def load_checkpoint_state(self, weights: dict[str, torch.Tensor], source: object) -> None:
+        """Strict: exactly the keys `checkpoint_state_dict` names, with the same shapes."""
+        own = self.checkpoint_state_dict()
+        wrong = [f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(weights))
+                 if weights[k].shape != own[k].shape]
+        groups = {"missing": sorted(set(own) - set(weights)), "unexpected": sorted(set(weights) - set(own)),
+                  "shape-mismatched": wrong}
+        if any(groups.values()):
+            raise key_mismatch_error(source, groups)
+        with torch.no_grad():
+            for key, value in weights.items():
+                own[key].copy_(value)
+
+
+class MiniMindVLM(VisionLanguageMixin, MiniMindForCausalLM):
+    """`MiniMindVLM(params=config, vision_model_path=...)` as in the seeds, or `MiniMindVLM(config)` as in HF."""
+
+    def __init__(self, config: MiniMindVConfig | None = None, vision_model_path: str | None = _FROM_CONFIG, *,
+                 params: MiniMindVConfig | None = None):
+        if (config is None) == (params is None):
+            raise ValueError("pass the config once, as `config` or as the seeds' `params`")
+        config = config if config is not None else params
+        if config.llm_path:
+            raise ValueError("this config names a Hugging Face language model (llm_path): build it with "
+                             "build_vlm(config) / HFBackboneVLM")
+        super().__init__(config)
+        self.vision_proj = build_projector(config)
+        self.post_init()
+        if config.lora_rank:
+            add_lora(self.model, config)
+        self._init_vision(config, vision_model_path)
+
+    def lora_root(self) -> nn.Module:
+        return self.model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                labels: torch.LongTensor | None = None, position_ids: torch.LongTensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                **kwargs) -> MiniMindOutput:
+        """image_features [num_images, T, ve]: the tower's output, precomputed (e.g. from a feature cache), used
+        instead of pixel_values."""
+        if inputs_embeds is None and input_ids is not None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features, past_key_values)
+        hidden, cache, aux_loss = self.model(None, attention_mask, position_ids, past_key_values, inputs_embeds,
+                                             use_cache)
+        return self._head(hidden, cache, aux_loss, labels, logits_to_keep)
+
+    # --- Hugging Face save / load: the frozen tower is reloaded from its folder unless it is embedded ---
+    def state_dict_without_tower(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(TOWER_PREFIX)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         embedded = self.config.vision_config is not None
@@ -168,16 +280,112 @@ class MiniMindVLM(MiniMindForCausalLM):
         check_loading_info(info, pretrained_model_name_or_path)
         if model.config.vision_config is not None:  # embedded tower: loaded above; its processor sits beside it
             model.vision_tower.processor = load_image_processor(pretrained_model_name_or_path)
-            return (model, info) if want_info else model
-        path = model.config.vision_tower_path if vision_model_path == _FROM_CONFIG else vision_model_path
-        if path:
-            if not os.path.isdir(path) and path != EFFICIENTNET:
-                raise FileNotFoundError(f"{pretrained_model_name_or_path}: vision tower folder {path!r} not found; "
-                                        "pass vision_model_path=<local folder> (or None for a text-only model)")
-            model.attach_vision_tower(load_vision_tower(path, model.config.vision_tower_kind,
-                                                        model.config.tower_tokens or 49), path)
-            model.vision_tower.to(model.dtype)
+        else:
+            model._attach_tower_folder(model.config.vision_tower_path if vision_model_path == _FROM_CONFIG
+                                       else vision_model_path, pretrained_model_name_or_path)
         return (model, info) if want_info else model
+
+
+class HFBackboneVLM(VisionLanguageMixin, MiniMindPreTrainedModel, GenerationMixin):
+    """The VLM on any local Hugging Face causal LM (`config.llm_path`), held as `language_model`."""
+
+    def __init__(self, config: MiniMindVConfig, vision_model_path: str | None = _FROM_CONFIG, *,
+                 base_dir: str | None = None):
+        """`base_dir`: the checkpoint folder a relative `llm_path` is relative to."""
+        if not config.llm_path:
+            raise ValueError("HFBackboneVLM needs config.llm_path (a local causal-LM folder or .gguf file)")
+        super().__init__(config)
+        path = config.llm_path if os.path.isabs(config.llm_path) or base_dir is None else \
+            os.path.join(base_dir, config.llm_path)
+        self.language_model = load_backbone(path)  # [B, L, H] embeddings in, logits out
+        check_backbone(self.language_model, config, path)
+        resize_vocab(self.language_model, config.vocab_size)
+        self.vision_proj = build_projector(config)
+        self.vision_proj.apply(self._init_weights)
+        if config.lora_rank:
+            add_lora(self.language_model, config)
+        self._init_vision(config, vision_model_path)
+        self.post_init()
+
+    def lora_root(self) -> nn.Module:
+        return self.language_model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def saves(self, key: str) -> bool:
+        """Projector, LoRA adapters and `trained_llm_parts`; the rest is the base model at `llm_path`."""
+        if key.startswith(TOWER_PREFIX):
+            return self.config.vision_config is not None
+        return (key.startswith("vision_proj.") or is_lora_key(key) or
+                any(key.startswith(part) for part in self.config.trained_llm_parts))
+
+    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                labels: torch.LongTensor | None = None, position_ids: torch.LongTensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                **kwargs) -> MiniMindOutput:
+        """As MiniMindVLM.forward; the backbone's own forward runs on the merged embeddings."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features, past_key_values)
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, **kwargs)
+        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
+        return MiniMindOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values,
+                              aux_loss=out.logits.new_zeros((), dtype=torch.float32))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """config.json (with the base model's path), generation_config.json, model.safetensors (trained parts)."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.save_pretrained(save_directory)
+        self.generation_config.save_pretrained(save_directory)
+        state = {k: v.detach().contiguous() for k, v in self.checkpoint_state_dict().items()}
+        save_file(state, os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
+        if self.config.vision_config is not None and self.processor is not None:
+            self.processor.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args,
+                        vision_model_path: str | None = _FROM_CONFIG, **kwargs) -> "HFBackboneVLM":
+        """The base model from `llm_path`, then the checkpoint's trained parts, strictly."""
+        folder = os.fspath(pretrained_model_name_or_path)
+        config = MiniMindVConfig.from_pretrained(folder)
+        model = cls(config, vision_model_path=None, base_dir=folder)
+        model.load_checkpoint_state(load_file(os.path.join(folder, "model.safetensors")), folder)
+        if config.vision_config is not None:
+            model.vision_tower.processor = load_image_processor(folder)
+        else:
+            model._attach_tower_folder(config.vision_tower_path if vision_model_path == _FROM_CONFIG
+                                       else vision_model_path, folder)
+        return model
+
+
+def check_backbone(language_model: nn.Module, config: MiniMindVConfig, path: str) -> None:
+    """The base model must still be the one the config was made for."""
+    text = language_model.config.get_text_config()
+    if (text.hidden_size, text.num_hidden_layers) != (config.hidden_size, config.num_hidden_layers):
+        raise ValueError(f"the language model at {path} is {text.hidden_size} wide with {text.num_hidden_layers} "
+                         f"layers, but this checkpoint was made for {config.hidden_size} x "
+                         f"{config.num_hidden_layers}: is llm_path still the base model it was trained from?")
+
+
+def build_vlm(config: MiniMindVConfig, vision_model_path: str | None = _FROM_CONFIG):
+    """A fresh VLM of the class the config asks for."""
+    cls = HFBackboneVLM if config.llm_path else MiniMindVLM
+    return cls(config, vision_model_path=vision_model_path)
+
+
+def load_vlm(folder: str | os.PathLike, vision_model_path: str | None = _FROM_CONFIG):
+    """A VLM folder written by `save_pretrained`, whichever language model it has."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder} holds no model (no config.json)")
+    cls = HFBackboneVLM if MiniMindVConfig.from_pretrained(folder).llm_path else MiniMindVLM
+    return cls.from_pretrained(folder, vision_model_path=vision_model_path)
 
 
 def check_loading_info(info: dict, source: object) -> None:

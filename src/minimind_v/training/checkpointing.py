@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ..interop.original import load_state_strict
 
 
 def save_checkpoint(trainer, final: bool) -> None:
@@ -58,7 +57,7 @@ def load_resume_state(trainer) -> None:
         return
     state = torch.load(path, map_location="cpu", weights_only=True)
     weights = load_file(os.path.join(out, "model", "model.safetensors"))
-    load_state_strict(trainer.model, weights, source=os.path.join(out, "model"))
+    trainer.model.load_checkpoint_state(weights, source=os.path.join(out, "model"))
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])

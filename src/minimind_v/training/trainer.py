@@ -5,7 +5,9 @@
     sft            conversations, projector + first and last LLM layers train  (freeze 1)
 
 Freeze strategies as the original: 0 = whole LLM + projector, 1 = projector + first/last decoder layers,
-2 = projector only; the vision tower is always frozen. A step: the global batch (micro-batch x processes x
+2 = projector only; the vision tower is always frozen. With LoRA the language model's own weights stay frozen and the
+adapters of the layers the strategy names train instead. With a Hugging Face backbone (`--llm`), frozen backbone
+weights are held in the compute dtype (bf16 on GPUs) while trained weights keep fp32 master copies. A step: the global batch (micro-batch x processes x
 accumulation) is cut from one seeded permutation, the loss is summed over every supervised token of the global batch
 and divided by their count (so 1 process and N processes compute the same gradient), then AdamW with a higher
 projector learning rate, warmup + cosine, clipping. Checkpoints and resume state live in `checkpointing.py`.
@@ -26,7 +28,7 @@ from .checkpointing import RunLog, load_resume_state, save_checkpoint
 from ..data.datasets import ConversationDataset, SkipStats, TextDataset, collate
 from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_device
 from .features import ImageFeatures, tower_id
-from ..models.vlm import MiniMindVLM
+from ..models.vlm import MiniMindVLM, build_vlm, load_vlm
 
 STAGES = {"pretrain-llm": dict(freeze=0, text=True), "pretrain-vlm": dict(freeze=2, text=False),
           "sft": dict(freeze=1, text=False)}
@@ -38,6 +40,8 @@ class TrainArgs:
     data: str
     out_dir: str
     preset: str = "minimind2-v"
+    llm: str | None = None  # a local Hugging Face causal LM (folder or .gguf) as the language model
+    lora_rank: int | None = None  # add LoRA adapters of this rank (None: as the model is)
     overrides: dict = field(default_factory=dict)  # config fields for a new model
     from_weight: str | None = None  # a folder written by an earlier stage
     tokenizer: str | None = None  # None: the folder of --from-weight, else the package's default
@@ -71,16 +75,39 @@ class TrainArgs:
 
 
 def apply_freeze(model: MiniMindVLM, strategy: int) -> None:
-    """0: LLM + projector, 1: projector + first and last decoder layers, 2: projector only. Tower: always frozen."""
+    """0: LLM + projector, 1: projector + first and last decoder layers, 2: projector only. Tower: always frozen.
+    With LoRA, the named layers' adapters train instead of their weights."""
     if strategy not in (0, 1, 2):
         raise ValueError(f"freeze strategy must be 0, 1 or 2, got {strategy}")
-    model.requires_grad_(strategy == 0)
+    model.requires_grad_(False)
     model.vision_proj.requires_grad_(True)
-    if strategy == 1:
-        for layer in {0, len(model.model.layers) - 1}:
-            model.model.layers[layer].requires_grad_(True)
+    layers = model.decoder_layers()
+    chosen = {0: list(layers), 1: [layers[0], layers[-1]], 2: []}[strategy]
+    if model.config.lora_rank:
+        for layer in chosen:
+            for name, param in layer.named_parameters():
+                param.requires_grad_(".lora_" in name)
+        return
+    trained = [model.lora_root() if hasattr(model, "language_model") else model] if strategy == 0 else chosen
+    for module in trained:
+        module.requires_grad_(True)
     if model.vision_tower is not None:
         model.vision_tower.requires_grad_(False)
+    model.mark_trained([model.lora_root()] if strategy == 0 else chosen)
+
+
+def hold_frozen_in(model: MiniMindVLM, dtype: torch.dtype) -> None:
+    """Cast the frozen weights of a Hugging Face backbone to the (half-precision) compute dtype."""
+    if hasattr(model, "language_model") and dtype != torch.float32:
+        for param in model.language_model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(dtype)
+
+
+def count_parameters(model: torch.nn.Module) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total}
 
 
 def make_optimizer(model: MiniMindVLM, args: TrainArgs) -> torch.optim.AdamW:
@@ -132,6 +159,11 @@ class Trainer:
         self.tokenizer, self.model = build_model(args)
         self.model.to(self.device)
         apply_freeze(self.model, STAGES[args.stage]["freeze"] if args.freeze is None else args.freeze)
+        self.dtype = compute_dtype(self.device, args.dtype)
+        hold_frozen_in(self.model, self.dtype)
+        self.params = count_parameters(self.model)
+        if self.rank == 0:
+            print(f"trainable parameters: {self.params['trainable_params']:,} of {self.params['total_params']:,}")
         if args.grad_checkpointing:
             self.model.activation_checkpointing_enable()
         self.stats = SkipStats()
@@ -149,7 +181,6 @@ class Trainer:
         warmup = int(args.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, args.min_lr_ratio))
-        self.dtype = compute_dtype(self.device, args.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.wrapped = self._wrap()
         self.step = self.epoch = self.position = 0
@@ -178,7 +209,7 @@ class Trainer:
                 self.epoch, self.position = self.epoch + 1, 0
         save_checkpoint(self, final=True)
         summary = {"steps": self.step, "seconds": round(time.time() - start, 1), "skipped": self.stats.summary(),
-                   **last}
+                   **self.params, **last}
         self.log.finish(summary)
         return summary
 
@@ -246,22 +277,33 @@ class Trainer:
 
 
 def build_model(args: TrainArgs):
-    """(tokenizer, model): continue from --from-weight, or a fresh model from a preset sized to the tokenizer."""
+    """(tokenizer, model): continue from --from-weight, or a fresh model from a preset sized to the tokenizer (or to
+    the --llm backbone, whose own tokenizer it uses)."""
+    from ..config import MiniMindVConfig
     from ..data.tokenizer import image_placeholder_config, load_tokenizer
+    from ..models.backbone import backbone_fields, load_backbone_tokenizer
 
     if args.from_weight:
-        vision = {"vision_model_path": args.vision} if args.vision else {}
-        model = MiniMindVLM.from_pretrained(args.from_weight, **vision)
-        return load_tokenizer(args.tokenizer or args.from_weight), model
-    from ..config import MiniMindVConfig
-
-    tokenizer = load_tokenizer(args.tokenizer)
-    fields = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    if "<|image_pad|>" in tokenizer.get_vocab():
-        fields.update(image_placeholder_config(tokenizer))
-    config = MiniMindVConfig.from_name(args.preset, **{**fields, **args.overrides})
-    return tokenizer, MiniMindVLM(config, vision_model_path=args.vision)
+        if args.llm:
+            raise ValueError("--llm starts a new model; a --from-weight folder already names its language model")
+        model = load_vlm(args.from_weight, **({"vision_model_path": args.vision} if args.vision else {}))
+        tokenizer = load_tokenizer(args.tokenizer or args.from_weight)
+    else:
+        if args.llm:
+            tokenizer = load_backbone_tokenizer(args.llm)
+            fields = backbone_fields(args.llm, tokenizer)
+            fields["image_token_len"] = MiniMindVConfig.from_name(args.preset).image_token_len
+        else:
+            tokenizer = load_tokenizer(args.tokenizer)
+            fields = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                      "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+            if "<|image_pad|>" in tokenizer.get_vocab():
+                fields.update(image_placeholder_config(tokenizer))
+        config = MiniMindVConfig.from_name(args.preset, **{**fields, **args.overrides})
+        model = build_vlm(config, vision_model_path=args.vision)
+    if args.lora_rank and args.lora_rank != model.config.lora_rank:
+        model.enable_lora(args.lora_rank)
+    return tokenizer, model
 
 
 def make_dataset(args: TrainArgs, tokenizer, model: MiniMindVLM, stats: SkipStats):
