@@ -15,7 +15,8 @@ from minimind_v.cli import main
 from minimind_v.generation import Engine, GenerationRequest, SamplingParams
 from minimind_v.generation.loading import load_for_inference
 from minimind_v.models.backbone import IMAGE_PAD, load_backbone_tokenizer
-from minimind_v.models.vlm import HFBackboneVLM, load_vlm
+from minimind_v.models.backbone import HFBackboneVLM
+from minimind_v.models.vlm import load_vlm
 from minimind_v.training.trainer import Trainer
 
 VISION = {"ve_hidden_size": 32, "image_token_len": 16}  # the conftest CLIP tower: 32 px, 8 px patches, 32 wide
@@ -197,3 +198,69 @@ def test_lora_on_the_minimind_backbone(workspace, tmp_path):
     assert (first_batch_logits(merged, trainer) - first_batch_logits(reloaded, trainer)).abs().max() < 1e-4
     assert main(["convert", str(tmp_path / "run" / "model"), str(tmp_path / "merged.pth")]) == 0  # merged, too
     assert not any(".lora_" in k for k in torch.load(tmp_path / "merged.pth", weights_only=True))
+
+
+def test_stages_chain_and_keep_what_earlier_stages_trained(workspace, tmp_path):
+    llm = save_backbone(tmp_path / "llama", "llama")
+    Trainer(hf_args(workspace, tmp_path / "a", llm, max_steps=2)).run()  # sft: layers 0 and 2 train
+    first = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    later = Trainer(args_for(workspace, "sft", tmp_path / "b", from_weight=str(tmp_path / "a" / "model"),
+                             tokenizer=None, vision=None, freeze=2, dtype="bf16", max_steps=2))
+    assert later.model.config.trained_llm_parts == ["language_model.model.layers.0.", "language_model.model.layers.2."]
+    later.run()
+    second = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert second.keys() == first.keys()  # still saved, in fp32, unchanged (frozen in this stage)
+    assert all(torch.equal(second[k], first[k]) for k in first if not k.startswith("vision_proj."))
+    assert not all(torch.equal(second[k], first[k]) for k in first if k.startswith("vision_proj."))
+
+
+def test_resume_with_lora_on_a_backbone(workspace, tmp_path, monkeypatch):
+    from test_train import run_until_crash
+
+    llm = save_backbone(tmp_path / "llama", "llama")
+    kw = dict(epochs=2, lora_rank=4, freeze=0, save_every=3)
+    Trainer(hf_args(workspace, tmp_path / "straight", llm, **kw)).run()
+    run_until_crash(Trainer(hf_args(workspace, tmp_path / "resumed", llm, **kw)), 7, monkeypatch)
+    resumed = Trainer(hf_args(workspace, tmp_path / "resumed", llm, resume=True, **kw))
+    assert resumed.step == 6
+    resumed.run()
+    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    again = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert straight.keys() == again.keys()
+    for key in straight:
+        torch.testing.assert_close(again[key], straight[key], atol=1e-6, rtol=1e-5)
+
+
+def test_the_api_server_serves_a_backbone_model(workspace, tmp_path):
+    openai = pytest.importorskip("openai")
+    uvicorn = pytest.importorskip("uvicorn")
+    import base64
+    import io
+    import threading
+    import time
+
+    from minimind_v.serving.openai_api import ServerSettings, create_app
+    from test_server import free_port
+
+    llm = save_backbone(tmp_path / "qwen", "qwen3")
+    Trainer(hf_args(workspace, tmp_path / "run", llm, max_steps=1)).run()
+    model, tokenizer = load_for_inference(str(tmp_path / "run" / "model"), device="cpu")
+    engine = Engine(model, tokenizer)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, ServerSettings(model_name="qwen-vlm")),
+                                           host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        buffer = io.BytesIO()
+        color_request().images[0].save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="qwen-vlm", max_tokens=6, temperature=0, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "\nwhat color is it?"}]}])
+        assert reply.choices[0].message.content == engine.generate([color_request()])[0].text
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

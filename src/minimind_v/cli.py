@@ -77,7 +77,12 @@ def _evaluator(path: str, image_root: str | None, limit: int | None, train_args)
     from .evaluate import evaluate, load_qa_jsonl
 
     items = load_qa_jsonl(path, image_root)[:limit]
-    tokenizer = load_tokenizer(train_args.tokenizer or train_args.from_weight)  # the one the trainer uses
+    if train_args.llm:  # the one the trainer uses
+        from .models.backbone import load_backbone_tokenizer
+
+        tokenizer = load_backbone_tokenizer(train_args.llm)
+    else:
+        tokenizer = load_tokenizer(train_args.tokenizer or train_args.from_weight)
 
     def run(model) -> dict:
         return {"eval_accuracy": evaluate(model, tokenizer, items)["accuracy"]}

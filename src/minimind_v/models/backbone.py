@@ -1,12 +1,15 @@
-"""Any Hugging Face causal language model as the VLM's language model, and LoRA adapters for either backbone.
+"""Any Hugging Face causal language model as the VLM's language model: loading it, and `HFBackboneVLM`.
 
     --llm PATH   a local folder `AutoModelForCausalLM` loads (Qwen3, SmolLM2, Llama, ...) or a single .gguf file
                  (dequantised on load; needs the `gguf` extra)
 
 The backbone keeps its own tokenizer and chat template. When the tokenizer has no image placeholder token,
 `<|image_pad|>` is added and the embedding grows to match; the new rows start at the mean of the old ones (the same
-value on every load, so a checkpoint that did not train the embedding needs not store it). LoRA adapters go through
-`peft` onto the attention and MLP projections named in the config (`lora_targets`).
+value on every load, so a checkpoint that did not train the embedding needs not store it).
+
+    HFBackboneVLM: embed_tokens(input_ids) with image features over the placeholders -> the backbone's own forward
+    (inputs_embeds) -> logits. Checkpoints hold the projector, the LoRA adapters and the `trained_llm_parts`; the
+    rest is reloaded from `llm_path` (absolute, or relative to the checkpoint folder as the merged export writes it).
 """
 
 from __future__ import annotations
@@ -15,9 +18,18 @@ import functools
 import os
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin
+from transformers.cache_utils import Cache
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from ..config import MiniMindVConfig
+from .language_model import MiniMindOutput, MiniMindPreTrainedModel, causal_lm_loss
+from .lora import add_lora, is_lora_key
+from .projector import build_projector
+from .vision_tower import load_image_processor
+from .vlm import _FROM_CONFIG, TOWER_PREFIX, VisionLanguageMixin
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -106,44 +118,92 @@ def resize_vocab(model: nn.Module, size: int) -> None:
             table.weight[old:] = table.weight[:old].mean(0)  # [new, H] <- [H]
 
 
-def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
-    """The backbone's decoder layers (what the freeze strategies count)."""
-    decoder = language_model.get_decoder() if hasattr(language_model, "get_decoder") else language_model
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"cannot find the decoder layers of {type(language_model).__name__} (no `.layers`)")
-    return layers
+class HFBackboneVLM(VisionLanguageMixin, MiniMindPreTrainedModel, GenerationMixin):
+    """The VLM on any local Hugging Face causal LM (`config.llm_path`), held as `language_model`."""
+
+    def __init__(self, config: MiniMindVConfig, vision_model_path: str | None = _FROM_CONFIG, *,
+                 base_dir: str | None = None):
+        """`base_dir`: the checkpoint folder a relative `llm_path` is relative to."""
+        if not config.llm_path:
+            raise ValueError("HFBackboneVLM needs config.llm_path (a local causal-LM folder or .gguf file)")
+        super().__init__(config)
+        path = config.llm_path if os.path.isabs(config.llm_path) or base_dir is None else \
+            os.path.join(base_dir, config.llm_path)
+        self.language_model = load_backbone(path)  # [B, L, H] embeddings in, logits out
+        check_backbone(self.language_model, config, path)
+        resize_vocab(self.language_model, config.vocab_size)
+        self.vision_proj = build_projector(config)
+        self.vision_proj.apply(self._init_weights)
+        if config.lora_rank:
+            add_lora(self.language_model, config)
+        self._init_vision(config, vision_model_path)
+        self.post_init()
+
+    def lora_root(self) -> nn.Module:
+        return self.language_model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def saves(self, key: str) -> bool:
+        """Projector, LoRA adapters and `trained_llm_parts`; the rest is the base model at `llm_path`."""
+        if key.startswith(TOWER_PREFIX):
+            return self.config.vision_config is not None
+        return (key.startswith("vision_proj.") or is_lora_key(key) or
+                any(key.startswith(part) for part in self.config.trained_llm_parts))
+
+    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                labels: torch.LongTensor | None = None, position_ids: torch.LongTensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                **kwargs) -> MiniMindOutput:
+        """As MiniMindVLM.forward; the backbone's own forward runs on the merged embeddings."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features, past_key_values)
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, **kwargs)
+        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
+        return MiniMindOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values,
+                              aux_loss=out.logits.new_zeros((), dtype=torch.float32))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """config.json (with the base model's path), generation_config.json, model.safetensors (trained parts)."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.save_pretrained(save_directory)
+        self.generation_config.save_pretrained(save_directory)
+        state = {k: v.detach().contiguous() for k, v in self.checkpoint_state_dict().items()}
+        save_file(state, os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
+        if self.config.vision_config is not None and self.processor is not None:
+            self.processor.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args,
+                        vision_model_path: str | None = _FROM_CONFIG, **kwargs) -> "HFBackboneVLM":
+        """The base model from `llm_path`, then the checkpoint's trained parts, strictly."""
+        if args or kwargs:
+            raise TypeError(f"HFBackboneVLM.from_pretrained takes a folder and vision_model_path only, not "
+                            f"{list(kwargs) or args}; move the model with .to(device, dtype) afterwards")
+        folder = os.fspath(pretrained_model_name_or_path)
+        config = MiniMindVConfig.from_pretrained(folder)
+        model = cls(config, vision_model_path=None, base_dir=folder)
+        model.load_checkpoint_state(load_file(os.path.join(folder, "model.safetensors")), folder)
+        if config.vision_config is not None:
+            model.vision_tower.processor = load_image_processor(folder)
+        else:
+            model._attach_tower_folder(config.vision_tower_path if vision_model_path == _FROM_CONFIG
+                                       else vision_model_path, folder)
+        return model
 
 
-# ------------------------------------------------------------------------------------------------------------ LoRA
-
-
-def add_lora(module: nn.Module, config) -> None:
-    """Wrap the projections named in `config.lora_targets` inside `module` with LoRA adapters (B = 0: the model's
-    output is unchanged until they train)."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as err:
-        raise ValueError("LoRA needs peft: pip install 'minimind-v[lora]'") from err
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_targets))
-    try:
-        inject_adapter_in_model(lora, module)
-    except ValueError as err:  # none of the targets exists in this backbone
-        raise ValueError(f"LoRA targets {config.lora_targets} do not match the backbone's modules: {err}") from err
-
-
-def merge_lora(module: nn.Module) -> int:
-    """Fold every LoRA adapter into its base weight and put the plain layer back; returns how many were merged."""
-    from peft.tuners.lora import LoraLayer
-
-    wrapped = [(name, m) for name, m in module.named_modules() if isinstance(m, LoraLayer)]
-    for name, layer in wrapped:
-        layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, child, layer.get_base_layer())
-    return len(wrapped)
-
-
-def is_lora_key(name: str) -> bool:
-    return ".lora_" in name
+def check_backbone(language_model: nn.Module, config: MiniMindVConfig, path: str) -> None:
+    """The base model must still be the one the config was made for."""
+    text = language_model.config.get_text_config()
+    if (text.hidden_size, text.num_hidden_layers) != (config.hidden_size, config.num_hidden_layers):
+        raise ValueError(f"the language model at {path} is {text.hidden_size} wide with {text.num_hidden_layers} "
+                         f"layers, but this checkpoint was made for {config.hidden_size} x "
+                         f"{config.num_hidden_layers}: is llm_path still the base model it was trained from?")

@@ -23,14 +23,12 @@ import os
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 
 from ..config import MiniMindVConfig
-from .backbone import add_lora, decoder_layers, is_lora_key, load_backbone, merge_lora, resize_vocab
-from .language_model import MiniMindForCausalLM, MiniMindOutput, MiniMindPreTrainedModel, causal_lm_loss
+from .language_model import MiniMindForCausalLM, MiniMindOutput
+from .lora import add_lora, merge_lora
 from .projector import build_projector
 from .vision_tower import (EFFICIENTNET, VisionTower, image2tensor, load_image_processor, load_vision_tower,
                            vision_tower_from_config)
@@ -163,7 +161,13 @@ class VisionLanguageMixin:
         raise NotImplementedError
 
     def decoder_layers(self) -> nn.ModuleList:
-        return decoder_layers(self.lora_root())
+        """The language model's decoder layers (what the freeze strategies count)."""
+        root = self.lora_root()
+        decoder = root.get_decoder() if hasattr(root, "get_decoder") else root
+        layers = getattr(decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"cannot find the decoder layers of {type(root).__name__} (no `.layers`)")
+        return layers
 
     def enable_lora(self, rank: int, alpha: float | None = None, dropout: float | None = None,
                     targets: list[str] | None = None) -> None:
@@ -286,96 +290,10 @@ class MiniMindVLM(VisionLanguageMixin, MiniMindForCausalLM):
         return (model, info) if want_info else model
 
 
-class HFBackboneVLM(VisionLanguageMixin, MiniMindPreTrainedModel, GenerationMixin):
-    """The VLM on any local Hugging Face causal LM (`config.llm_path`), held as `language_model`."""
-
-    def __init__(self, config: MiniMindVConfig, vision_model_path: str | None = _FROM_CONFIG, *,
-                 base_dir: str | None = None):
-        """`base_dir`: the checkpoint folder a relative `llm_path` is relative to."""
-        if not config.llm_path:
-            raise ValueError("HFBackboneVLM needs config.llm_path (a local causal-LM folder or .gguf file)")
-        super().__init__(config)
-        path = config.llm_path if os.path.isabs(config.llm_path) or base_dir is None else \
-            os.path.join(base_dir, config.llm_path)
-        self.language_model = load_backbone(path)  # [B, L, H] embeddings in, logits out
-        check_backbone(self.language_model, config, path)
-        resize_vocab(self.language_model, config.vocab_size)
-        self.vision_proj = build_projector(config)
-        self.vision_proj.apply(self._init_weights)
-        if config.lora_rank:
-            add_lora(self.language_model, config)
-        self._init_vision(config, vision_model_path)
-        self.post_init()
-
-    def lora_root(self) -> nn.Module:
-        return self.language_model
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.language_model.get_input_embeddings()
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
-    def saves(self, key: str) -> bool:
-        """Projector, LoRA adapters and `trained_llm_parts`; the rest is the base model at `llm_path`."""
-        if key.startswith(TOWER_PREFIX):
-            return self.config.vision_config is not None
-        return (key.startswith("vision_proj.") or is_lora_key(key) or
-                any(key.startswith(part) for part in self.config.trained_llm_parts))
-
-    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
-                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                labels: torch.LongTensor | None = None, position_ids: torch.LongTensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                **kwargs) -> MiniMindOutput:
-        """As MiniMindVLM.forward; the backbone's own forward runs on the merged embeddings."""
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features, past_key_values)
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-                                  logits_to_keep=logits_to_keep, **kwargs)
-        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
-        return MiniMindOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values,
-                              aux_loss=out.logits.new_zeros((), dtype=torch.float32))
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """config.json (with the base model's path), generation_config.json, model.safetensors (trained parts)."""
-        os.makedirs(save_directory, exist_ok=True)
-        self.config.save_pretrained(save_directory)
-        self.generation_config.save_pretrained(save_directory)
-        state = {k: v.detach().contiguous() for k, v in self.checkpoint_state_dict().items()}
-        save_file(state, os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
-        if self.config.vision_config is not None and self.processor is not None:
-            self.processor.save_pretrained(save_directory)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args,
-                        vision_model_path: str | None = _FROM_CONFIG, **kwargs) -> "HFBackboneVLM":
-        """The base model from `llm_path`, then the checkpoint's trained parts, strictly."""
-        folder = os.fspath(pretrained_model_name_or_path)
-        config = MiniMindVConfig.from_pretrained(folder)
-        model = cls(config, vision_model_path=None, base_dir=folder)
-        model.load_checkpoint_state(load_file(os.path.join(folder, "model.safetensors")), folder)
-        if config.vision_config is not None:
-            model.vision_tower.processor = load_image_processor(folder)
-        else:
-            model._attach_tower_folder(config.vision_tower_path if vision_model_path == _FROM_CONFIG
-                                       else vision_model_path, folder)
-        return model
-
-
-def check_backbone(language_model: nn.Module, config: MiniMindVConfig, path: str) -> None:
-    """The base model must still be the one the config was made for."""
-    text = language_model.config.get_text_config()
-    if (text.hidden_size, text.num_hidden_layers) != (config.hidden_size, config.num_hidden_layers):
-        raise ValueError(f"the language model at {path} is {text.hidden_size} wide with {text.num_hidden_layers} "
-                         f"layers, but this checkpoint was made for {config.hidden_size} x "
-                         f"{config.num_hidden_layers}: is llm_path still the base model it was trained from?")
-
-
 def build_vlm(config: MiniMindVConfig, vision_model_path: str | None = _FROM_CONFIG):
     """A fresh VLM of the class the config asks for."""
+    from .backbone import HFBackboneVLM
+
     cls = HFBackboneVLM if config.llm_path else MiniMindVLM
     return cls(config, vision_model_path=vision_model_path)
 
@@ -384,6 +302,8 @@ def load_vlm(folder: str | os.PathLike, vision_model_path: str | None = _FROM_CO
     """A VLM folder written by `save_pretrained`, whichever language model it has."""
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{folder} holds no model (no config.json)")
+    from .backbone import HFBackboneVLM
+
     cls = HFBackboneVLM if MiniMindVConfig.from_pretrained(folder).llm_path else MiniMindVLM
     return cls.from_pretrained(folder, vision_model_path=vision_model_path)
 

@@ -97,10 +97,10 @@ def apply_freeze(model: MiniMindVLM, strategy: int) -> None:
 
 
 def hold_frozen_in(model: MiniMindVLM, dtype: torch.dtype) -> None:
-    """Cast the frozen weights of a Hugging Face backbone to the (half-precision) compute dtype."""
+    """Cast the frozen base weights of a Hugging Face backbone (never saved) to the half-precision compute dtype."""
     if hasattr(model, "language_model") and dtype != torch.float32:
-        for param in model.language_model.parameters():
-            if not param.requires_grad:
+        for name, param in model.named_parameters():
+            if name.startswith("language_model.") and not param.requires_grad and not model.saves(name):
                 param.data = param.data.to(dtype)
 
 
@@ -283,6 +283,8 @@ def build_model(args: TrainArgs):
     from ..data.tokenizer import image_placeholder_config, load_tokenizer
     from ..models.backbone import backbone_fields, load_backbone_tokenizer
 
+    if args.llm and args.tokenizer:
+        raise ValueError("--llm brings its own tokenizer; leave out --tokenizer")
     if args.from_weight:
         if args.llm:
             raise ValueError("--llm starts a new model; a --from-weight folder already names its language model")
