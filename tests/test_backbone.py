@@ -163,7 +163,7 @@ def test_cli_trains_on_a_backbone_and_chat_answers(workspace, tmp_path, capsys):
     assert main(["train", "sft", "--llm", llm, "--data", workspace["sft"], "--out-dir", str(tmp_path / "run"),
                  "--vision", workspace["clip"], "--max-steps", "2", "--batch-size", "4", "--max-seq-len", "64",
                  "--device", "cpu", "--set", "ve_hidden_size=32", "--set", "image_token_len=16"]) == 0
-    assert "trainable parameters:" in capsys.readouterr().out
+    assert "trainable parameters:" in capsys.readouterr().err
     image = tmp_path / "red.png"
     Image.new("RGB", (32, 32), (220, 30, 30)).save(image)
     assert main(["chat", str(tmp_path / "run" / "model"), "--image", str(image), "--prompt", "color?",

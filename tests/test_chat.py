@@ -94,7 +94,7 @@ def test_history_carries_earlier_turns_and_images(model_dir):
 
 def test_bench_reports_prefill_decode_and_memory(model_dir, tmp_path, capsys):
     trace = tmp_path / "trace.json"
-    assert main(["bench", str(model_dir), "--device", "cpu", "--prompt-tokens", "40", "--new-tokens", "8",
+    assert main(["bench", "decode", str(model_dir), "--device", "cpu", "--prompt-tokens", "40", "--new-tokens", "8",
                  "--batch", "3", "--runs", "1", "--profile", str(trace), "--compare-generate"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prompt_tokens"] >= 40 and report["images"] == 1

@@ -178,3 +178,48 @@ def test_a_stream_can_be_resumed_on_another_thread(engine):
         worker.join()
     take(20)
     assert "".join(pieces) == expected
+
+
+def test_static_decode_steps_equal_the_dynamic_cache(engine):
+    """The fixed-shape step that CUDA graphs replay (run eagerly on the CPU): same tokens for a padded batch with
+    images, and the decoder is reused for the next generation of the same shape."""
+    from minimind_v.generation.static_decode import DecoderPool
+
+    requests = [ask("hi", []), ask("what is in these two pictures, please?", [image(2), image(3)]),
+                ask("and this one", [image(4)], max_new_tokens=5)]
+    dynamic = engine.generate(requests)
+    static = Engine(engine.model, engine.tokenizer)
+    static.decoders = DecoderPool()
+    for _ in range(2):
+        assert [r.token_ids for r in static.generate(requests)] == [r.token_ids for r in dynamic]
+    assert len(static.decoders.decoders) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decoding_equals_eager_decoding(engine, compile):
+    model = engine.model.to("cuda")
+    try:
+        graphs = Engine(model, engine.tokenizer, compile=compile)
+        eager = Engine(model, engine.tokenizer, cuda_graphs=False)
+        assert graphs.decoders is not None and eager.decoders is None
+        requests = [ask("hi", [], max_new_tokens=20), ask("two pictures", [image(2), image(3)], max_new_tokens=20)]
+        for _ in range(2):  # captured on the first call, replayed on the second
+            assert [r.token_ids for r in graphs.generate(requests)] == [r.token_ids for r in eager.generate(requests)]
+    finally:
+        engine.model.to("cpu")
+
+
+def test_incremental_text_equals_decoding_the_whole_answer(engine, tokenizer):
+    """Sampled bytes include broken and split UTF-8: the text built a window at a time (and the stream deltas)
+    equal one decode of all the tokens."""
+    requests = [ask(f"say something {i}", max_new_tokens=40, temperature=1.5, seed=i) for i in range(6)]
+    streamed = [""] * len(requests)
+    results = [None] * len(requests)
+    for delta in engine.stream(requests):
+        streamed[delta.index] += delta.text
+        if delta.result is not None:
+            results[delta.index] = delta.result
+    assert any("\ufffd" in r.text for r in results)  # the case this is about did occur
+    for text, result in zip(streamed, results):
+        assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True) == text

@@ -164,14 +164,18 @@ def add_other_parsers(sub) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
-def _engine(args: argparse.Namespace):
+def _engine(args: argparse.Namespace, cuda_graphs: bool = True, compile: bool = False):
     from .generation import Engine
-    from .generation.loading import describe, load_for_inference
+    from .generation.loading import describe, load_for_inference, reference_for_inference
 
-    model, tokenizer = load_for_inference(args.model, args.tokenizer, args.vision, args.device, args.dtype,
-                                          **parse_overrides(args.set))
-    print(f"[minimind-v] {args.model}: {describe(model)}", file=sys.stderr)
-    return Engine(model, tokenizer)
+    if args.model is None:  # bench decode without a model: the reference setting
+        model, tokenizer = reference_for_inference(args.images > 0, args.device, args.dtype,
+                                                   **parse_overrides(args.set))
+    else:
+        model, tokenizer = load_for_inference(args.model, args.tokenizer, args.vision, args.device, args.dtype,
+                                              **parse_overrides(args.set))
+    print(f"[minimind-v] {args.model or 'reference model'}: {describe(model)}", file=sys.stderr)
+    return Engine(model, tokenizer, cuda_graphs=cuda_graphs, compile=compile)
 
 
 def _sampling(args: argparse.Namespace):
@@ -225,14 +229,19 @@ def cmd_web(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .generation.bench import bench
 
-    report = bench(_engine(args), args.prompt_tokens, args.new_tokens, args.batch, args.images, args.runs,
-                   args.profile, args.compare_generate)
+    engine = _engine(args, cuda_graphs=not args.no_graphs, compile=args.compile)
+    report = bench(engine, args.prompt_tokens, args.new_tokens, args.batch, args.images, args.runs, args.profile,
+                   args.compare_generate)
     print(json.dumps(report, indent=2))
     return 0
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) -> None:
-    parser.add_argument("model", help="a model folder of this project, or an original .pth")
+def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True, model_required: bool = True) -> None:
+    if model_required:
+        parser.add_argument("model", help="a model folder of this project, or an original .pth")
+    else:
+        parser.add_argument("model", nargs="?", help="a model folder of this project, or an original .pth "
+                                                     "(default: the reference 768 x 8 model with random weights)")
     parser.add_argument("--tokenizer", help="tokenizer folder (required for an original .pth)")
     parser.add_argument("--vision", help="vision tower folder (an original .pth; or to replace a folder's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -273,17 +282,56 @@ def add_serving_parsers(sub) -> None:
     web.add_argument("--host", default="127.0.0.1")
     web.add_argument("--port", type=int, default=7860)
     web.set_defaults(func=cmd_web)
-    bench = sub.add_parser("bench", help="prefill latency, decode tokens/s (batch 1 and --batch), peak memory")
-    add_model_arguments(bench, sampling=False)
-    bench.add_argument("--prompt-tokens", type=int, default=128)
-    bench.add_argument("--new-tokens", type=int, default=64)
-    bench.add_argument("--batch", type=int, default=8)
-    bench.add_argument("--images", type=int, default=1, help="images per prompt (0 for text only)")
-    bench.add_argument("--runs", type=int, default=3)
-    bench.add_argument("--profile", metavar="TRACE.json", help="also write a torch profiler Chrome trace")
-    bench.add_argument("--compare-generate", action="store_true",
-                       help="also time transformers' model.generate on the same prompts")
-    bench.set_defaults(func=cmd_bench)
+    add_bench_parsers(sub)
+
+
+def add_bench_parsers(sub) -> None:
+    bench = sub.add_parser("bench", help="performance: decode speed (`bench decode`), training throughput "
+                                         "(`bench train`)").add_subparsers(dest="what", required=True)
+    decode = bench.add_parser("decode", help="prefill latency, decode tokens/s (batch 1 and --batch), peak memory")
+    add_model_arguments(decode, sampling=False, model_required=False)
+    decode.add_argument("--prompt-tokens", type=int, default=100)
+    decode.add_argument("--new-tokens", type=int, default=256)
+    decode.add_argument("--batch", type=int, default=8)
+    decode.add_argument("--images", type=int, default=1, help="images per prompt (0 for text only)")
+    decode.add_argument("--runs", type=int, default=3)
+    decode.add_argument("--no-graphs", action="store_true", help="decode step by step, without CUDA graphs")
+    decode.add_argument("--compile", action="store_true", help="torch.compile the graphed decode step")
+    decode.add_argument("--profile", metavar="TRACE.json", help="also write a torch profiler Chrome trace")
+    decode.add_argument("--compare-generate", action="store_true",
+                        help="also time transformers' model.generate on the same prompts")
+    decode.set_defaults(func=cmd_bench)
+    train = bench.add_parser("train", help="training throughput of the reference setting (768 x 8 MiniMind, "
+                                           "SigLIP B/32-256, the shared generator's data)")
+    train.add_argument("--work-dir", default="minimind-v-bench", help="tower, data and run folder")
+    train.add_argument("--data", help="a parquet to train on instead of generating the reference data")
+    train.add_argument("--generator", help="make_vlm_parquet.py (default: ../shared/bench/)")
+    train.add_argument("--rows", type=int, default=2400)
+    train.add_argument("--tokenizer", help="default: the original one in ../shared/fixtures, else the shipped one")
+    train.add_argument("--steps", type=int, default=40, help="timed optimizer steps")
+    train.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--max-seq-len", type=int, default=768)
+    train.add_argument("--freeze", type=int, default=0, help="0: the whole LLM trains (the reference's setting)")
+    train.add_argument("--num-workers", type=int, default=0)
+    train.add_argument("--compile", action="store_true")
+    train.add_argument("--packing", action="store_true", help="several samples per row, no padding")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--dtype", default="auto")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config fields")
+    train.set_defaults(func=cmd_bench_train)
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from .training.throughput import bench_train
+
+    report = bench_train(args.work_dir, args.data, args.rows, args.steps, args.warmup, args.generator, args.tokenizer,
+                         batch_size=args.batch_size, max_seq_len=args.max_seq_len, freeze=args.freeze,
+                         num_workers=args.num_workers, compile=args.compile, packing=args.packing,
+                         device=args.device, dtype=args.dtype,
+                         overrides=parse_overrides(args.set))
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

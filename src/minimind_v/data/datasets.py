@@ -450,6 +450,7 @@ class ConversationDataset(_RecordDataset):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat_template; conversations cannot be rendered")
         self.config, self.max_image_pixels = config, max_image_pixels
+        self.transform = None  # e.g. image -> pixel values [3, H, W], so that loader workers preprocess too
         super().__init__(path, tokenizer, max_seq_len, image_root, stats)
 
     def _check(self, record: dict) -> None:
@@ -467,7 +468,8 @@ class ConversationDataset(_RecordDataset):
         loaded = [load_image(ref, self.max_image_pixels, self.stats) for ref in record["images"][:kept]]
         if len(input_ids) < full_len:
             self.stats.convert(TRUNCATED)
-        return Sample(input_ids, labels, [image for image, _ in loaded], [key for _, key in loaded])
+        images = [image if self.transform is None else self.transform(image) for image, _ in loaded]
+        return Sample(input_ids, labels, images, [key for _, key in loaded])
 
 
 class TextDataset(_RecordDataset):
@@ -516,6 +518,6 @@ def collate(samples: list[Sample | tuple[None, str]], pad_token_id: int) -> dict
         input_ids[row, :n] = torch.tensor(sample.input_ids, dtype=torch.long)
         labels[row, :n] = torch.tensor(sample.labels, dtype=torch.long)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "images": [image for s in kept for image in s.images],
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "token_mask": attention_mask,
+            "lengths": [len(s.input_ids) for s in kept], "images": [image for s in kept for image in s.images],
             "image_keys": [key for s in kept for key in s.image_keys], "skipped": skipped}

@@ -3,7 +3,8 @@
     requests (chat messages or raw text with `<image>` markers, PIL images, SamplingParams)
     -> left-padded batch [B, L] + image features [num_images, T, ve]
     -> prefill (images spliced in) into a KV cache preallocated for L + max_new_tokens
-    -> decode one token per step for every unfinished row; each row stops on EOS, a stop string or its own limit
+    -> decode one token per step for every unfinished row (a replayed CUDA graph for dense MiniMind models on a
+       GPU, static_decode.py); each row stops on EOS, a stop string or its own limit
     -> text deltas as they are decoded (`stream`), or whole results (`generate`)
 
 One batch runs at a time (a lock), so concurrent callers queue instead of corrupting each other's cache.
@@ -23,6 +24,7 @@ from ..data.processing import IMAGE_MARKER, chat_prompt, check_placeholders, exp
 from ..training.features import ImageFeatures
 from .kv_cache import PreallocatedCache
 from .sampling import SamplingParams, TokenChooser
+from .static_decode import DecoderPool, graphs_possible
 
 
 class RequestError(ValueError):
@@ -73,15 +75,17 @@ class _Row:
         self.engine, self.prompt_ids, self.params, self.max_new = engine, prompt_ids, params, max_new
         self.tokens: list[int] = []
         self.text, self.released, self.finish = "", 0, None
+        self.prefix = self.read = 0  # the text of tokens[:read] is in self.text; tokens[prefix:read] give context
         self.pad = 0  # left-padding columns before this row's prompt in the batch
 
     def push(self, token: int) -> str:
         """Take one generated token; return the newly releasable text."""
         if token in self.engine.eos_ids:
             self.finish = "stop"
+            self._detokenize(final=True)
             return self._release(len(self.text))
         self.tokens.append(token)
-        self.text = self.engine.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self._detokenize(final=len(self.tokens) >= self.max_new)
         hits = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
         if hits:
             self.text, self.finish = self.text[:min(hits)], "stop"
@@ -90,6 +94,16 @@ class _Row:
             self.finish = "length"
             return self._release(len(self.text))
         return self._release(self._safe_end())
+
+    def _detokenize(self, final: bool) -> None:
+        """Extend the text by the new tokens, decoding only a short window (not the whole answer every step); a
+        partial multi-byte character waits for its remaining bytes unless this is the end."""
+        decode = self.engine.tokenizer.decode
+        before = decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
+        after = decode(self.tokens[self.prefix:], skip_special_tokens=True)
+        if final or not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.tokens)
 
     def _safe_end(self) -> int:
         """Hold back a partial multi-byte character and any tail that could begin a stop string."""
@@ -107,10 +121,13 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, features: ImageFeatures | None = None):
+    def __init__(self, model, tokenizer, features: ImageFeatures | None = None, cuda_graphs: bool = True,
+                 compile: bool = False):
         """`features`: the tower behind a feature cache (evaluation reuses cached features); by default the
-        model's own tower, uncached."""
+        model's own tower, uncached. `cuda_graphs`: replay decode steps as CUDA graphs where possible;
+        `compile`: torch.compile the graphed step first (fewer, fused kernels; compiles once per batch shape)."""
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.decoders = DecoderPool(compile=compile) if cuda_graphs and graphs_possible(model) else None
         tower = model.vision_tower
         self.features = features or (ImageFeatures(tower) if tower is not None else None)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -206,13 +223,15 @@ class Engine:
         for row in rows:
             row.pad = length - len(row.prompt_ids)
         total = length + max(row.max_new for row in rows)
-        cache = PreallocatedCache(self.model.config.num_hidden_layers, total)
+        padded = bool((mask == 0).any())
+        decoder = self.decoders.get(self.model, batch, total) if self.decoders is not None else None
+        cache = (decoder.start(mask if padded else None) if decoder is not None
+                 else PreallocatedCache(self.model.config.num_hidden_layers, total))
         full_mask = torch.ones(batch, total, dtype=torch.long, device=self.device)  # [B, L + max_new]
         full_mask[:, :length] = mask
-        padded = bool((mask == 0).any())
         out = self.model(input_ids=ids, attention_mask=mask if padded else None, image_features=features,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return {"cache": cache, "mask": full_mask if padded else None, "length": length,
+        return {"cache": cache, "mask": full_mask if padded else None, "length": length, "decoder": decoder,
                 "history": ids, "logits": out.logits[:, -1]}  # history [B, L + steps]: for repetition penalties
 
     def _advance(self, state: dict, rows: list[_Row], tokens: list[int]) -> None:
@@ -221,6 +240,9 @@ class Engine:
                             device=self.device)  # [B, 1]
         state["history"] = torch.cat([state["history"], feed], dim=1)
         seen = state["history"].shape[1]
+        if state["decoder"] is not None:  # the fed token sits at buffer position seen - 1
+            state["logits"] = state["decoder"].step(feed, seen - 1)
+            return
         mask = state["mask"][:, :seen] if state["mask"] is not None else None
         out = self.model(input_ids=feed, attention_mask=mask, past_key_values=state["cache"], use_cache=True)
         state["logits"] = out.logits[:, -1]

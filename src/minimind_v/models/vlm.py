@@ -329,8 +329,8 @@ def merge_image_features(embeds: torch.Tensor, input_ids: torch.LongTensor, feat
     exactly N * T; otherwise (a missing image, an extra one, or a placeholder run cut by truncation) ValueError.
     """
     mask = input_ids == image_token_id  # [B, L]
-    num_slots, num_features = int(mask.sum()), features.shape[0] * features.shape[1]
-    if num_slots != num_features:
+    if not torch.compiler.is_compiling() and int(mask.sum()) != features.shape[0] * features.shape[1]:
+        num_slots, num_features = int(mask.sum()), features.shape[0] * features.shape[1]
         raise ValueError(f"input_ids hold {num_slots} image placeholder tokens (id {image_token_id}) but the "
                          f"{features.shape[0]} image(s) give {num_features} features ({features.shape[1]} each); "
                          "every image needs one complete placeholder run (was the prompt truncated?)")

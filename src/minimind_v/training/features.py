@@ -62,12 +62,15 @@ class ImageFeatures:
             self.dirty = True
         return torch.stack([self.cache[k] for k in keys]).to(device, torch.float32)
 
-    def _encode(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images -> [N, T, D], in chunks of batch_size."""
+    def _encode(self, images: list[Image.Image | torch.Tensor]) -> torch.Tensor:
+        """PIL images (or pixel values [3, H, W] that loader workers made) -> [N, T, D], in chunks of batch_size."""
+        device = next(self.tower.parameters()).device
         chunks = []
         for start in range(0, len(images), self.batch_size):
-            pixels = torch.cat([image2tensor(img, self.tower.processor) for img in images[start:start + self.batch_size]])
-            chunks.append(self.tower(pixels).float())
+            chunk = images[start:start + self.batch_size]
+            pixels = (torch.stack(chunk) if isinstance(chunk[0], torch.Tensor)
+                      else torch.cat([image2tensor(img, self.tower.processor) for img in chunk]))
+            chunks.append(self.tower(pixels.to(device, non_blocking=True)).float())
         return torch.cat(chunks)
 
     def save(self) -> None:

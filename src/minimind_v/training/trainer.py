@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -26,8 +27,10 @@ import torch.nn.functional as F
 
 from .checkpointing import RunLog, load_resume_state, save_checkpoint
 from ..data.datasets import ConversationDataset, SkipStats, TextDataset, collate
+from ..data.packing import pack
 from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_device
 from .features import ImageFeatures, tower_id
+from ..models.vision_tower import image2tensor
 from ..models.vlm import MiniMindVLM, build_vlm, load_vlm
 
 STAGES = {"pretrain-llm": dict(freeze=0, text=True), "pretrain-vlm": dict(freeze=2, text=False),
@@ -62,6 +65,7 @@ class TrainArgs:
     dtype: str = "auto"
     device: str = "auto"
     grad_checkpointing: bool = False
+    packing: bool = False  # several samples per row (block-diagonal attention), no compute on padding
     compile: bool = False
     seed: int = 0
     num_workers: int = 0
@@ -111,14 +115,15 @@ def count_parameters(model: torch.nn.Module) -> dict:
 
 
 def make_optimizer(model: MiniMindVLM, args: TrainArgs) -> torch.optim.AdamW:
-    """AdamW; the projector at lr * projector_lr_mult; no weight decay on norms and biases."""
+    """AdamW (fused on CUDA); the projector at lr * projector_lr_mult; no weight decay on norms and biases."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             groups.setdefault((name.startswith("vision_proj."), param.dim() >= 2), []).append(param)
     return torch.optim.AdamW([{"params": params, "lr": args.lr * (args.projector_lr_mult if proj else 1.0),
                                "weight_decay": args.weight_decay if decay else 0.0}
-                              for (proj, decay), params in groups.items()], betas=(0.9, 0.95))
+                              for (proj, decay), params in groups.items()], betas=(0.9, 0.95),
+                             fused=next(model.parameters()).device.type == "cuda")  # one kernel on a GPU
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -157,13 +162,17 @@ class Trainer:
         self.device = torch.device("cuda", local_rank) if self.world > 1 and use_cuda else pick_device(args.device)
         torch.manual_seed(args.seed)
         self.tokenizer, self.model = build_model(args)
+        if args.packing and hasattr(self.model, "language_model"):
+            raise ValueError("--packing needs the MiniMind language model (a Hugging Face backbone reads masks its "
+                             "own way)")
         self.model.to(self.device)
         apply_freeze(self.model, STAGES[args.stage]["freeze"] if args.freeze is None else args.freeze)
         self.dtype = compute_dtype(self.device, args.dtype)
         hold_frozen_in(self.model, self.dtype)
         self.params = count_parameters(self.model)
         if self.rank == 0:
-            print(f"trainable parameters: {self.params['trainable_params']:,} of {self.params['total_params']:,}")
+            print(f"trainable parameters: {self.params['trainable_params']:,} of {self.params['total_params']:,}",
+                  file=sys.stderr)
         if args.grad_checkpointing:
             self.model.activation_checkpointing_enable()
         self.stats = SkipStats()
@@ -171,6 +180,8 @@ class Trainer:
         tower = self.model.vision_tower
         self.features = (ImageFeatures(tower, args.feature_cache, tower_id(self.model.config)) if tower is not None
                          else None)
+        if self.features is not None and args.num_workers > 0 and args.feature_cache is None:
+            self.dataset.transform = functools.partial(pixel_values, processor=tower.processor)  # in the workers
         self.global_batch = args.batch_size * self.world * args.grad_accum
         self.steps_per_epoch = len(self.dataset) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -216,9 +227,13 @@ class Trainer:
     def _loader(self, steps: list[list[int]]):
         """Yield each step's micro-batches for this process, collated (workers decode images in parallel)."""
         micro = [mb for step in steps for mb in micro_batches(step, self.rank, self.world, self.args.grad_accum)]
+        pad = self.tokenizer.pad_token_id
+        batcher = (functools.partial(pack, max_len=self.args.max_seq_len, pad_token_id=pad) if self.args.packing
+                   else functools.partial(collate, pad_token_id=pad))
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=micro, num_workers=self.args.num_workers,
-                                             collate_fn=functools.partial(collate,
-                                                                          pad_token_id=self.tokenizer.pad_token_id))
+                                             collate_fn=batcher,
+                                             pin_memory=self.device.type == "cuda",
+                                             persistent_workers=False, prefetch_factor=4 if self.args.num_workers else None)
         group = []
         for batch in loader:
             if self.args.num_workers > 0:  # workers counted skips in their own copies of the stats
@@ -250,7 +265,7 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.wrapped.no_sync():
                 loss, summed = self._forward(batch, total, len(batches))
                 self.scaler.scale(loss).backward()
-            loss_sum, tokens = loss_sum + summed, tokens + int(batch["attention_mask"].sum())
+            loss_sum, tokens = loss_sum + summed, tokens + int(batch["token_mask"].sum())
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                                    self.args.grad_clip)
@@ -266,14 +281,21 @@ class Trainer:
         """Loss to backpropagate (this micro-batch's share of the global token mean) and its plain sum."""
         if batch["input_ids"].shape[0] == 0:  # everything skipped: a zero loss that still touches every weight
             return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad), 0.0
-        ids = batch["input_ids"].to(self.device)
-        features = self.features(batch["images"], batch["image_keys"], self.device) if batch["images"] else None
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            out = self.wrapped(input_ids=ids, attention_mask=batch["attention_mask"].to(self.device),
+            features = self.features(batch["images"], batch["image_keys"], self.device) if batch["images"] else None
+            positions = batch.get("position_ids")  # packed rows: every sample counts from 0
+            out = self.wrapped(input_ids=ids, attention_mask=batch["attention_mask"].to(self.device, non_blocking=True),
+                               position_ids=None if positions is None else positions.to(self.device),
                                image_features=features, use_cache=False)
             summed = summed_loss(out.logits, batch["labels"])
         loss = summed * self.world / max(total_supervised, 1.0) + out.aux_loss / accum
         return loss, float(summed.detach())
+
+
+def pixel_values(image, processor) -> torch.Tensor:
+    """image -> [3, H, W] (what DataLoader workers run, so the main process never preprocesses)."""
+    return image2tensor(image, processor)[0]
 
 
 def build_model(args: TrainArgs):

@@ -1,0 +1,135 @@
+"""Decode steps of fixed shape, replayed as a CUDA graph.
+
+The prompt is prefilled as usual into a `StaticCache` (the engine's preallocated buffers). After that every decode step
+has the same shapes: one token per row, attention over the whole buffer [B, Hkv, max_len, D] with a boolean mask of
+the positions filled so far, and the new key/value written at a position held in a tensor (`index_copy_`). A step of
+the same shapes can be captured once as a CUDA graph and replayed: one launch instead of one Python round trip per
+kernel, which is what bounds a small model's decoding on a GPU.
+
+    StaticCache        PreallocatedCache + `static` mode: writes at `position` (a tensor), returns whole buffers
+    StaticDecoder      per (batch, max_len): the static inputs, the captured graph, `step(tokens, position)`
+    DecoderPool        the engine's few decoders, reused across generations of the same (batch, max_len bucket)
+
+Only dense MiniMind models on CUDA use graphs (a mixture of experts routes with data-dependent shapes, and the
+Hugging Face backbones keep transformers' own decoding); elsewhere the engine decodes step by step as before. On the
+CPU `StaticDecoder(use_graph=False)` runs the same static step eagerly, which the tests compare with the dynamic cache.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from .kv_cache import PreallocatedCache, PreallocatedLayer
+
+BUCKET = 64  # max_len is rounded up to a multiple of this, so generations of similar length share a graph
+
+
+class StaticLayer(PreallocatedLayer):
+    def __init__(self, max_len: int, position: torch.Tensor):
+        super().__init__(max_len)
+        self.position, self.static = position, False  # position: [1] long, shared by every layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.static:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.keys.index_copy_(2, self.position, key_states)  # [B, Hkv, 1, D] into [B, Hkv, max_len, D]
+        self.values.index_copy_(2, self.position, value_states)
+        return self.keys, self.values  # the whole buffers; the mask hides what is not written yet
+
+
+class StaticCache(PreallocatedCache):
+    def __init__(self, num_layers: int, max_len: int, device: torch.device):
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        super(PreallocatedCache, self).__init__(layers=[StaticLayer(max_len, self.position)
+                                                        for _ in range(num_layers)])
+
+    def set_static(self, static: bool) -> None:
+        for layer in self.layers:
+            layer.static = static
+
+    def restart(self) -> None:
+        """Empty again (the buffers stay allocated, so a captured graph stays valid)."""
+        for layer in self.layers:
+            layer.length, layer.static = 0, False
+
+
+class StaticDecoder:
+    """Fixed-shape decode steps for `batch` rows over a `max_len` cache; a CUDA graph when `use_graph`."""
+
+    def __init__(self, model, batch: int, max_len: int, use_graph: bool, compile: bool = False):
+        device = model.device
+        self.model, self.use_graph, self.graph = model, use_graph, None
+        self.run = torch.compile(self._forward, dynamic=False) if compile else self._forward  # fuses the small ops
+        self.cache = StaticCache(model.config.num_hidden_layers, max_len, device)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # [B, max_len]: not padding
+        self.mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=device)  # [B, 1, 1, max_len]
+        self.arange = torch.arange(max_len, device=device)
+        self.logits: torch.Tensor | None = None
+
+    def start(self, padding_mask: torch.Tensor | None) -> StaticCache:
+        """Before a prefill: padding_mask [B, L] (1 = token) of the prompt, or None; returns the emptied cache."""
+        self.cache.restart()
+        self.valid.fill_(True)
+        if padding_mask is not None:
+            self.valid[:, :padding_mask.shape[1]] = padding_mask.bool()
+        return self.cache
+
+    def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """tokens [B, 1] at buffer `position` -> next-token logits [B, V] (a view, valid until the next step)."""
+        self.ids.copy_(tokens)
+        self.positions.fill_(position)
+        self.cache.position.fill_(position)
+        self.mask.copy_((self.valid & (self.arange <= position))[:, None, None, :])
+        self.cache.set_static(True)
+        if not self.use_graph:
+            return self.run()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]  # [B, V]
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (the writes land at the current position, which this step rewrites anyway),
+        then record one step."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.run()
+
+
+class DecoderPool:
+    """At most `size` decoders, least recently used dropped first."""
+
+    def __init__(self, size: int = 4, compile: bool = False):
+        self.size, self.compile, self.decoders = size, compile, OrderedDict()
+
+    def get(self, model, batch: int, length: int) -> StaticDecoder:
+        """A decoder for `batch` rows of up to `length` positions; graphs on CUDA, eager static steps elsewhere."""
+        max_len, use_graph = -(-length // BUCKET) * BUCKET, model.device.type == "cuda"
+        key = (batch, max_len, use_graph)
+        if key not in self.decoders:
+            self.decoders[key] = StaticDecoder(model, batch, max_len, use_graph, self.compile)
+            while len(self.decoders) > self.size:
+                self.decoders.popitem(last=False)
+        self.decoders.move_to_end(key)
+        return self.decoders[key]
+
+
+def graphs_possible(model) -> bool:
+    """Dense MiniMind on CUDA."""
+    return (model.device.type == "cuda" and not getattr(model.config, "llm_path", None)
+            and not model.config.use_moe)

@@ -1,0 +1,76 @@
+"""The reference setting of the performance figures (`minimind-v bench train` / `bench decode`).
+
+    language model   MiniMind 768 x 8 (the `minimind-3v` preset, dense), random weights, the shipped tokenizer
+    vision tower     SigLIP B/32-256 with random weights (768 wide, 12 layers, 64 tokens per 256-px image)
+    data             the shared generator's parquet (`make_vlm_parquet.py OUT ROWS --seed 0`, 2,400 rows)
+    tokenizer        the original 6,400-token MiniMind tokenizer where the shared fixtures have it (the reference's
+                     token counts: 423 per row on average), else the shipped one (longer rows)
+
+The same setting as the original MiniMind-V timings in `../shared/bench/README.md`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+PRESET = "minimind-3v"
+GENERATOR_ENV = "MINIMIND_V_BENCH_GENERATOR"
+GENERATOR_PLACES = ("../shared/bench/make_vlm_parquet.py", "shared/bench/make_vlm_parquet.py")
+TOKENIZER_PLACES = ("../shared/fixtures/minimind-3v", "shared/fixtures/minimind-3v")
+
+
+def save_reference_tower(path: str | os.PathLike) -> str:
+    """A random SigLIP B/32-256 vision tower folder (seeded), with its image processor."""
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        torch.manual_seed(0)
+        config = SiglipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                    num_attention_heads=12, image_size=256, patch_size=32)
+        SiglipVisionModel(config).save_pretrained(path)
+        SiglipImageProcessorPil(size={"height": 256, "width": 256}).save_pretrained(path)
+    return path
+
+
+def reference_model(tower: str | None, **overrides):
+    """(model, tokenizer): the 768 x 8 MiniMind VLM with random weights on `tower` (None: text only)."""
+    from .config import MiniMindVConfig
+    from .data.tokenizer import image_placeholder_config, load_tokenizer
+    from .models.vlm import MiniMindVLM
+
+    tokenizer = load_tokenizer()
+    config = MiniMindVConfig.from_name(PRESET, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                       **image_placeholder_config(tokenizer), **overrides)
+    torch.manual_seed(0)
+    return MiniMindVLM(config, vision_model_path=tower), tokenizer
+
+
+def find_generator(path: str | None = None) -> str:
+    """The shared data generator: `path`, $MINIMIND_V_BENCH_GENERATOR, or ../shared/bench/ from here."""
+    candidates = [path] if path else [os.environ.get(GENERATOR_ENV), *GENERATOR_PLACES]
+    for candidate in filter(None, candidates):
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError("the reference data generator make_vlm_parquet.py was not found (looked at "
+                            f"{', '.join(filter(None, candidates))}); pass --generator PATH or --data PARQUET")
+
+
+def find_reference_tokenizer() -> str | None:
+    """The original MiniMind tokenizer folder of the shared fixtures, if it is here."""
+    return next((p for p in TOKENIZER_PLACES if os.path.isfile(os.path.join(p, "tokenizer.json"))), None)
+
+
+def make_reference_data(out: str | os.PathLike, rows: int = 2400, seed: int = 0, generator: str | None = None) -> str:
+    """Write (once) the generator's parquet of `rows` rows; returns its path."""
+    out = os.fspath(out)
+    if not os.path.isfile(out):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        subprocess.run([sys.executable, find_generator(generator), out + ".tmp", str(rows), "--seed", str(seed)],
+                       check=True)
+        os.replace(out + ".tmp", out)
+    return out

@@ -1,0 +1,110 @@
+"""`minimind-v bench train`: training throughput of the reference setting (reference.py) through the real trainer.
+
+Timed per optimizer step after `warmup` steps (compilation, cuDNN autotuning, loader start-up): samples/s, real
+(unpadded) tokens/s, model FLOPs utilisation and peak GPU memory. The FLOPs counted per step:
+
+    tower     2 * tower_params * T  +  4 * layers * width * T^2            per image (forward only, it is frozen)
+    LLM       6 * llm_params * n    +  6 * layers * width * n^2            per sample of n real tokens (fwd + bwd)
+
+with llm_params the decoder layers, the projector and the output head (the embedding lookup is no matmul); a frozen
+LLM would do less backward work, so MFU is reported for the whole-LLM setting it is meant for.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+from ..device import synchronize
+from ..reference import PRESET, find_reference_tokenizer, make_reference_data, save_reference_tower
+from .trainer import TrainArgs, Trainer, step_batches
+
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU (datasheet), None when unknown or on a CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16.items() if key in name), None)
+
+
+def step_flops(model, batches: list[dict]) -> float:
+    """Model FLOPs of one optimizer step (see the module docstring)."""
+    config, tower = model.config, model.vision_tower
+    llm = sum(p.numel() for layer in model.decoder_layers() for p in layer.parameters())
+    llm += sum(p.numel() for p in model.vision_proj.parameters()) + model.lm_head.weight.numel()
+    attention_width = config.num_attention_heads * config.head_dim
+    flops = 0.0
+    for batch in batches:
+        lengths = torch.tensor(batch["lengths"], dtype=torch.float64)  # [samples] real tokens each
+        flops += 6 * llm * float(lengths.sum()) + 6 * config.num_hidden_layers * attention_width * float(
+            (lengths ** 2).sum())
+        if tower is not None and batch["images"]:
+            tokens, width = tower.num_tokens, tower.hidden_size
+            layers = getattr(getattr(tower.encoder, "config", None), "num_hidden_layers", 0)
+            per_image = 2 * sum(p.numel() for p in tower.parameters()) * tokens + 4 * layers * width * tokens ** 2
+            flops += per_image * len(batch["images"])
+    return flops
+
+
+def bench_train(work_dir: str, data: str | None = None, rows: int = 2400, steps: int = 40, warmup: int = 5,
+                generator: str | None = None, tokenizer: str | None = None, **train: object) -> dict:
+    """Train the reference setting for warmup + steps optimizer steps; the figures of the timed steps."""
+    tower = save_reference_tower(os.path.join(work_dir, "tower"))
+    data = data or make_reference_data(os.path.join(work_dir, f"bench_{rows}.parquet"), rows, 0, generator)
+    options = {"batch_size": 16, "max_seq_len": 768, "freeze": 0, "log_every": 10 ** 9, "epochs": 1000, **train}
+    tokenizer = tokenizer or find_reference_tokenizer()
+    trainer = Trainer(TrainArgs(stage="sft", data=data, out_dir=os.path.join(work_dir, "run"), preset=PRESET,
+                                vision=tower, tokenizer=tokenizer, **options))
+    device = trainer.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed, losses, epoch = [], [], 0
+    while len(timed) < warmup + steps:
+        plan = step_batches(len(trainer.dataset), trainer.args.seed, epoch, trainer.global_batch)
+        loader = trainer._loader(plan)
+        while len(timed) < warmup + steps:
+            synchronize(device)
+            start = time.perf_counter()
+            batches = next(loader, None)
+            if batches is None:
+                break
+            loaded = time.perf_counter()
+            metrics = trainer.train_step(batches)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            timed.append((seconds, sum(len(b["lengths"]) for b in batches),
+                          sum(int(b["token_mask"].sum()) for b in batches),
+                          sum(b["input_ids"].numel() for b in batches), step_flops(trainer.model, batches),
+                          loaded - start))
+            losses.append(metrics["loss"])
+        epoch += 1
+    return {"tokenizer": tokenizer or "shipped default", **report(timed[warmup:], losses, trainer, device)}
+
+
+def report(timed: list[tuple], losses: list[float], trainer: Trainer, device: torch.device) -> dict:
+    seconds = sum(t[0] for t in timed)
+    flops_per_s = sum(t[4] for t in timed) / seconds
+    peak = peak_flops(device)
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+           "dtype": str(trainer.dtype).replace("torch.", ""), "steps_timed": len(timed),
+           "batch_size": trainer.global_batch, "compile": trainer.args.compile,
+           "trainable_params": trainer.params["trainable_params"],
+           "samples_per_s": round(sum(t[1] for t in timed) / seconds, 1),
+           "real_tokens_per_s": round(sum(t[2] for t in timed) / seconds),
+           "padded_tokens_per_s": round(sum(t[3] for t in timed) / seconds),
+           "packing": trainer.args.packing,
+           "step_ms_median": round(statistics.median(t[0] for t in timed) * 1000, 1),
+           "step_ms_max": round(max(t[0] for t in timed) * 1000, 1),
+           "data_wait_ms_mean": round(statistics.fmean(t[5] for t in timed) * 1000, 1),
+           "model_tflops_per_s": round(flops_per_s / 1e12, 2),
+           "mfu": round(flops_per_s / peak, 4) if peak else None,
+           "loss_first_last": [losses[0], losses[-1]]}
+    if device.type == "cuda":
+        out["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+    return out
