@@ -1,6 +1,6 @@
 """LoRA adapters on the language model's projections, through peft: add, fold into the weights, recognise.
 
-    y = W x + (alpha / r) * B A x      A [r, in], B [out, r] (B = 0 at the start: the model is unchanged until it trains)
+    y = W x + (alpha / r) * B A x      A [r, in], B [out, r]; B = 0 at first, so the model is unchanged until it trains
 
 Works on either language model: MiniMind and the Hugging Face backbones name their projections alike (`q_proj`, ...,
 `down_proj`), which is what `config.lora_targets` lists.

@@ -4,13 +4,14 @@
     pretrain-vlm   image captions, only the projector trains                   (freeze 2)
     sft            conversations, projector + first and last LLM layers train  (freeze 1)
 
-Freeze strategies as the original: 0 = whole LLM + projector, 1 = projector + first/last decoder layers,
-2 = projector only; the vision tower is always frozen. With LoRA the language model's own weights stay frozen and the
-adapters of the layers the strategy names train instead. With a Hugging Face backbone (`--llm`), frozen backbone
-weights are held in the compute dtype (bf16 on GPUs) while trained weights keep fp32 master copies. A step: the global batch (micro-batch x processes x
-accumulation) is cut from one seeded permutation, the loss is summed over every supervised token of the global batch
-and divided by their count (so 1 process and N processes compute the same gradient), then AdamW with a higher
-projector learning rate, warmup + cosine, clipping. Checkpoints and resume state live in `checkpointing.py`.
+Freeze strategies as the original: 0 = whole LLM + projector, 1 = projector + first/last decoder layers, 2 = projector
+only; the vision tower is always frozen. With LoRA the language model's own weights stay frozen and the adapters of
+the layers the strategy names train instead. With a Hugging Face backbone (`--llm`), frozen backbone weights are held
+in the compute dtype (bf16 on GPUs) while trained weights keep fp32 master copies. A step: the global batch (micro-
+batch x processes x accumulation) is cut from one seeded permutation, the loss is summed over every supervised token
+of the global batch and divided by their count (so 1 process and N processes compute the same gradient), then AdamW
+with a higher projector learning rate, warmup + cosine, clipping. Checkpoints and resume state live in
+`checkpointing.py`.
 """
 
 from __future__ import annotations
@@ -165,16 +166,7 @@ class Trainer:
         if args.packing and hasattr(self.model, "language_model"):
             raise ValueError("--packing needs the MiniMind language model (a Hugging Face backbone reads masks its "
                              "own way)")
-        self.model.to(self.device)
-        apply_freeze(self.model, STAGES[args.stage]["freeze"] if args.freeze is None else args.freeze)
-        self.dtype = compute_dtype(self.device, args.dtype)
-        hold_frozen_in(self.model, self.dtype)
-        self.params = count_parameters(self.model)
-        if self.rank == 0:
-            print(f"trainable parameters: {self.params['trainable_params']:,} of {self.params['total_params']:,}",
-                  file=sys.stderr)
-        if args.grad_checkpointing:
-            self.model.activation_checkpointing_enable()
+        self._prepare_model()
         self.stats = SkipStats()
         self.dataset = make_dataset(args, self.tokenizer, self.model, self.stats)
         tower = self.model.vision_tower
@@ -198,6 +190,20 @@ class Trainer:
         self.log = RunLog(args.out_dir, main=self.rank == 0, loggers=args.loggers, total=self.total_steps)
         if args.resume:
             load_resume_state(self)
+
+    def _prepare_model(self) -> None:
+        """On the device, frozen as the stage says, frozen backbone weights in the compute dtype, checkpointing."""
+        args = self.args
+        self.model.to(self.device)
+        apply_freeze(self.model, STAGES[args.stage]["freeze"] if args.freeze is None else args.freeze)
+        self.dtype = compute_dtype(self.device, args.dtype)
+        hold_frozen_in(self.model, self.dtype)
+        self.params = count_parameters(self.model)
+        if self.rank == 0:
+            print(f"trainable parameters: {self.params['trainable_params']:,} of {self.params['total_params']:,}",
+                  file=sys.stderr)
+        if args.grad_checkpointing:
+            self.model.activation_checkpointing_enable()
 
     def _wrap(self) -> torch.nn.Module:
         model = self.model
@@ -233,7 +239,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=micro, num_workers=self.args.num_workers,
                                              collate_fn=batcher,
                                              pin_memory=self.device.type == "cuda",
-                                             persistent_workers=False, prefetch_factor=4 if self.args.num_workers else None)
+                                             prefetch_factor=4 if self.args.num_workers else None)
         group = []
         for batch in loader:
             if self.args.num_workers > 0:  # workers counted skips in their own copies of the stats
