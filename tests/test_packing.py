@@ -7,7 +7,7 @@ import torch
 
 from conftest import args_for, weights
 from minimind_v.data.datasets import collate
-from minimind_v.data.packing import first_fit, pack
+from minimind_v.data.packing import first_fit, pack, packed_attention_mask
 from minimind_v.training.trainer import Trainer, summed_loss
 
 
@@ -29,7 +29,8 @@ def test_packed_rows_equal_padded_samples(workspace, tmp_path):
     with torch.no_grad():
         for name, batch in (("padded", padded), ("packed", packed)):
             features = trainer.features(batch["images"], batch["image_keys"], model.device)
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            mask = packed_attention_mask(batch["segment_ids"]) if name == "packed" else batch["attention_mask"]
+            out = model(input_ids=batch["input_ids"], attention_mask=mask,
                         position_ids=batch.get("position_ids") if name == "packed" else None,
                         image_features=features)
             outputs[name] = (out.logits, summed_loss(out.logits, batch["labels"]))

@@ -2,13 +2,15 @@
 
     samples (each <= max_len tokens) --first-fit decreasing--> rows of max_len tokens
     input_ids, labels, position_ids [R, L]     positions restart at 0 for every sample
-    attention_mask [R, 1, L, L] bool           block-diagonal causal: a token sees earlier tokens of its own sample
+    segment_ids [R, L]                         which sample of the row each position holds (-1: padding)
     token_mask [R, L]                          1 on real tokens (what throughput counts)
     images                                     in the order their placeholders appear, row by row
 
-Each sample's first label is ignored, so no loss crosses from one sample into the next; the padding at a row's end is
-one more block (it sees only itself and its own padding, so no attention row is empty). A packed row gives every
-sample the logits it would get alone (tests/test_packing.py).
+`packed_attention_mask(segment_ids)` makes the model's mask [R, 1, L, L] (block-diagonal causal: a token sees the
+earlier tokens of its own sample) where it is used, on the GPU, so loader workers never ship L x L masks. Each
+sample's first label is ignored, so no loss crosses from one sample into the next; the padding at a row's end is one
+more block (it sees only itself and its own padding, so no attention row is empty). A packed row gives every sample
+the logits it would get alone (tests/test_packing.py).
 """
 
 from __future__ import annotations
@@ -55,9 +57,14 @@ def pack(samples: list[Sample | tuple[None, str]], max_len: int, pad_token_id: i
             images += sample.images
             keys += sample.image_keys
             start += n
-    causal = torch.ones(max_len, max_len, dtype=torch.bool).tril()  # [L, L]
-    same = segment[:, :, None] == segment[:, None, :]  # [R, L, L]
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": (same & causal)[:, None], "token_mask": (segment >= 0).long(),
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment,
+            "token_mask": (segment >= 0).long(),
             "images": images, "image_keys": keys, "skipped": skipped,
             "lengths": [len(s.input_ids) for s in kept]}
+
+
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids [R, L] -> bool [R, 1, L, L]: same sample (or both padding) and not in the future."""
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()  # [L, L]
+    return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]

@@ -70,7 +70,8 @@ class ImageFeatures:
             chunk = images[start:start + self.batch_size]
             pixels = (torch.stack(chunk) if isinstance(chunk[0], torch.Tensor)
                       else torch.cat([image2tensor(img, self.tower.processor) for img in chunk]))
-            chunks.append(self.tower(pixels.to(device, non_blocking=True)).float())
+            dtype = next(self.tower.parameters()).dtype  # workers may send fp16 pixels
+            chunks.append(self.tower(pixels.to(device, dtype, non_blocking=True)).float())
         return torch.cat(chunks)
 
     def save(self) -> None:

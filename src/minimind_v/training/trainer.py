@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .checkpointing import RunLog, load_resume_state, save_checkpoint
 from ..data.datasets import ConversationDataset, SkipStats, TextDataset, collate
-from ..data.packing import pack
+from ..data.packing import pack, packed_attention_mask
 from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_device
 from .features import ImageFeatures, tower_id
 from ..models.vision_tower import image2tensor
@@ -172,8 +172,9 @@ class Trainer:
         tower = self.model.vision_tower
         self.features = (ImageFeatures(tower, args.feature_cache, tower_id(self.model.config)) if tower is not None
                          else None)
-        if self.features is not None and args.num_workers > 0 and args.feature_cache is None:
-            self.dataset.transform = functools.partial(pixel_values, processor=tower.processor)  # in the workers
+        if self.features is not None and args.num_workers > 0 and args.feature_cache is None:  # in the workers
+            half = torch.float16 if self.device.type == "cuda" else torch.float32  # half the bytes to ship
+            self.dataset.transform = functools.partial(pixel_values, processor=tower.processor, dtype=half)
         self.global_batch = args.batch_size * self.world * args.grad_accum
         self.steps_per_epoch = len(self.dataset) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -290,18 +291,21 @@ class Trainer:
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             features = self.features(batch["images"], batch["image_keys"], self.device) if batch["images"] else None
-            positions = batch.get("position_ids")  # packed rows: every sample counts from 0
-            out = self.wrapped(input_ids=ids, attention_mask=batch["attention_mask"].to(self.device, non_blocking=True),
-                               position_ids=None if positions is None else positions.to(self.device),
-                               image_features=features, use_cache=False)
+            if "segment_ids" in batch:  # packed rows: block-diagonal mask, every sample counts positions from 0
+                mask = packed_attention_mask(batch["segment_ids"].to(self.device, non_blocking=True))
+                positions = batch["position_ids"].to(self.device, non_blocking=True)
+            else:
+                mask, positions = batch["attention_mask"].to(self.device, non_blocking=True), None
+            out = self.wrapped(input_ids=ids, attention_mask=mask, position_ids=positions, image_features=features,
+                               use_cache=False)
             summed = summed_loss(out.logits, batch["labels"])
         loss = summed * self.world / max(total_supervised, 1.0) + out.aux_loss / accum
         return loss, float(summed.detach())
 
 
-def pixel_values(image, processor) -> torch.Tensor:
+def pixel_values(image, processor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """image -> [3, H, W] (what DataLoader workers run, so the main process never preprocesses)."""
-    return image2tensor(image, processor)[0]
+    return image2tensor(image, processor)[0].to(dtype)
 
 
 def build_model(args: TrainArgs):
