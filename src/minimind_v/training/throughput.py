@@ -20,7 +20,7 @@ import torch
 
 from ..device import synchronize
 from ..reference import PRESET, find_reference_tokenizer, make_reference_data, save_reference_tower
-from .trainer import TrainArgs, Trainer, step_batches
+from .trainer import TrainArgs, Trainer
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
@@ -64,26 +64,20 @@ def bench_train(work_dir: str, data: str | None = None, rows: int = 2400, steps:
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timed, losses, epoch = [], [], 0
-    while len(timed) < warmup + steps:
-        plan = step_batches(len(trainer.dataset), trainer.args.seed, epoch, trainer.global_batch)
-        loader = trainer._loader(plan)
-        while len(timed) < warmup + steps:
-            synchronize(device)
-            start = time.perf_counter()
-            batches = next(loader, None)
-            if batches is None:
-                break
-            loaded = time.perf_counter()
-            metrics = trainer.train_step(batches)
-            synchronize(device)
-            seconds = time.perf_counter() - start
-            timed.append((seconds, sum(len(b["lengths"]) for b in batches),
-                          sum(int(b["token_mask"].sum()) for b in batches),
-                          sum(b["input_ids"].numel() for b in batches), step_flops(trainer.model, batches),
-                          loaded - start))
-            losses.append(metrics["loss"])
-        epoch += 1
+    timed, losses = [], []
+    loader = trainer._loader([step for _, _, step in trainer.plan()[:warmup + steps]])  # one loader, all epochs
+    for _ in range(warmup + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        batches = next(loader)
+        loaded = time.perf_counter()
+        metrics = trainer.train_step(batches)
+        synchronize(device)
+        timed.append((time.perf_counter() - start, sum(len(b["lengths"]) for b in batches),
+                      sum(int(b["token_mask"].sum()) for b in batches),
+                      sum(b["input_ids"].numel() for b in batches), step_flops(trainer.model, batches),
+                      loaded - start))
+        losses.append(metrics["loss"])
     return {"tokenizer": tokenizer or "shipped default", **report(timed[warmup:], losses, trainer, device)}
 
 

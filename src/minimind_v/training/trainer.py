@@ -215,21 +215,29 @@ class Trainer:
 
     def run(self) -> dict:
         start, last = time.time(), {}
-        while self.epoch < self.args.epochs and self.step < self.total_steps:
-            steps = step_batches(len(self.dataset), self.args.seed, self.epoch, self.global_batch)
-            for batches in self._loader(steps[self.position:]):
-                last = self.train_step(batches)
-                self.step, self.position = self.step + 1, self.position + 1
-                self._after_step(last)
-                if self.step >= self.total_steps:
-                    break
-            if self.position >= len(steps):
-                self.epoch, self.position = self.epoch + 1, 0
+        plan = self.plan()
+        for (epoch, position, _), batches in zip(plan, self._loader([step for _, _, step in plan])):
+            self.epoch = epoch
+            last = self.train_step(batches)
+            self.step, self.position = self.step + 1, position + 1
+            self._after_step(last)
+            if self.position >= self.steps_per_epoch:
+                self.epoch, self.position = epoch + 1, 0
         save_checkpoint(self, final=True)
         summary = {"steps": self.step, "seconds": round(time.time() - start, 1), "skipped": self.stats.summary(),
                    **self.params, **last}
         self.log.finish(summary)
         return summary
+
+    def plan(self) -> list[tuple[int, int, list[int]]]:
+        """The optimizer steps still to run, across epochs: (epoch, position in it, sample indices). One loader
+        reads them all, so its workers live from the first epoch to the last."""
+        plan = []
+        for epoch in range(self.epoch, self.args.epochs):
+            steps = step_batches(len(self.dataset), self.args.seed, epoch, self.global_batch)
+            first = self.position if epoch == self.epoch else 0
+            plan += [(epoch, position, steps[position]) for position in range(first, len(steps))]
+        return plan[:max(0, self.total_steps - self.step)]
 
     def _loader(self, steps: list[list[int]]):
         """Yield each step's micro-batches for this process, collated (workers decode images in parallel)."""
