@@ -8,7 +8,8 @@ import torch
 from conftest import args_for, weights
 from minimind_v.data.datasets import collate
 from minimind_v.data.packing import first_fit, pack, packed_attention_mask
-from minimind_v.training.trainer import Trainer, summed_loss
+from minimind_v.training.loss import summed_loss
+from minimind_v.training.trainer import Trainer
 
 
 def test_first_fit_fills_rows_without_overflow():

@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .checkpointing import RunLog, load_resume_state, save_checkpoint
+from .loss import chunked_summed_loss, summed_loss
 from ..data.datasets import ConversationDataset, SkipStats, TextDataset, collate
 from ..data.packing import pack, packed_attention_mask
 from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_device
@@ -145,12 +145,6 @@ def micro_batches(step: list[int], rank: int, world: int, accum: int) -> list[li
     """This process's accumulation micro-batches of one step: the same split whatever `world` x `accum` is."""
     size = len(step) // (world * accum)
     return [step[(rank * accum + a) * size:(rank * accum + a + 1) * size] for a in range(accum)]
-
-
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over supervised positions: logits [B, L, V], labels [B, L]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                           ignore_index=-100, reduction="sum")
 
 
 class Trainer:
@@ -304,9 +298,11 @@ class Trainer:
                 positions = batch["position_ids"].to(self.device, non_blocking=True)
             else:
                 mask, positions = batch["attention_mask"].to(self.device, non_blocking=True), None
+            minimind = isinstance(self.model, MiniMindVLM)  # its output carries the final hidden states
             out = self.wrapped(input_ids=ids, attention_mask=mask, position_ids=positions, image_features=features,
-                               use_cache=False)
-            summed = summed_loss(out.logits, batch["labels"])
+                               use_cache=False, logits_to_keep=1 if minimind else 0)
+            summed = (chunked_summed_loss(out.hidden_states, self.model.lm_head, batch["labels"]) if minimind
+                      else summed_loss(out.logits, batch["labels"]))
         loss = summed * self.world / max(total_supervised, 1.0) + out.aux_loss / accum
         return loss, float(summed.detach())
 
