@@ -27,3 +27,15 @@ def test_chunked_loss_equals_the_plain_loss(dtype):
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for plain, chunked in zip(*results):
         torch.testing.assert_close(chunked, plain, **tolerance)
+
+
+def test_training_with_the_chunked_loss_reaches_the_same_weights(workspace, tmp_path):
+    from conftest import args_for, weights
+    from minimind_v.training.trainer import Trainer
+
+    for chunked in (False, True):
+        Trainer(args_for(workspace, "sft", tmp_path / str(chunked), chunked_loss=chunked, freeze=0,
+                         max_steps=3)).run()
+    plain, chunked = weights(tmp_path / "False"), weights(tmp_path / "True")
+    for key in plain:
+        torch.testing.assert_close(chunked[key], plain[key], atol=2e-5, rtol=1e-4)

@@ -67,6 +67,7 @@ class TrainArgs:
     device: str = "auto"
     grad_checkpointing: bool = False
     packing: bool = False  # several samples per row (block-diagonal attention), no compute on padding
+    chunked_loss: bool = False  # loss from hidden states in chunks: less memory, logits recomputed in backward
     compile: bool = False
     seed: int = 0
     num_workers: int = 0
@@ -298,10 +299,10 @@ class Trainer:
                 positions = batch["position_ids"].to(self.device, non_blocking=True)
             else:
                 mask, positions = batch["attention_mask"].to(self.device, non_blocking=True), None
-            minimind = isinstance(self.model, MiniMindVLM)  # its output carries the final hidden states
+            chunked = self.args.chunked_loss and isinstance(self.model, MiniMindVLM)  # its output has the hidden
             out = self.wrapped(input_ids=ids, attention_mask=mask, position_ids=positions, image_features=features,
-                               use_cache=False, logits_to_keep=1 if minimind else 0)
-            summed = (chunked_summed_loss(out.hidden_states, self.model.lm_head, batch["labels"]) if minimind
+                               use_cache=False, logits_to_keep=1 if chunked else 0)
+            summed = (chunked_summed_loss(out.hidden_states, self.model.lm_head, batch["labels"]) if chunked
                       else summed_loss(out.logits, batch["labels"]))
         loss = summed * self.world / max(total_supervised, 1.0) + out.aux_loss / accum
         return loss, float(summed.detach())
