@@ -206,7 +206,10 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return torch.compile(model) if self.args.compile else model
+        if not self.args.compile:
+            return model
+        # packed batches vary in their number of rows: compile for any count once instead of once per count
+        return torch.compile(model, dynamic=True if self.args.packing else None)
 
     def run(self) -> dict:
         start, last = time.time(), {}
