@@ -121,6 +121,8 @@ def resize_vocab(model: nn.Module, size: int) -> None:
 class HFBackboneVLM(VisionLanguageMixin, MiniMindPreTrainedModel, GenerationMixin):
     """The VLM on any local Hugging Face causal LM (`config.llm_path`), held as `language_model`."""
 
+    language_model_attr = "language_model"
+
     def __init__(self, config: MiniMindVConfig, vision_model_path: str | None = _FROM_CONFIG, *,
                  base_dir: str | None = None):
         """`base_dir`: the checkpoint folder a relative `llm_path` is relative to."""
@@ -138,9 +140,6 @@ class HFBackboneVLM(VisionLanguageMixin, MiniMindPreTrainedModel, GenerationMixi
             add_lora(self.language_model, config)
         self._init_vision(config, vision_model_path)
         self.post_init()
-
-    def lora_root(self) -> nn.Module:
-        return self.language_model
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()

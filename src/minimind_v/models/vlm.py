@@ -45,6 +45,7 @@ class VisionLanguageMixin:
     config: MiniMindVConfig
     vision_proj: nn.Module
     vision_tower: VisionTower | None
+    language_model_attr = "model"  # where the language model (without the vision parts) lives
 
     def _init_vision(self, config: MiniMindVConfig, vision_model_path: str | None) -> None:
         self.vision_tower = None
@@ -158,7 +159,7 @@ class VisionLanguageMixin:
     # --- the language model: its layers, LoRA, what was trained ---
     def lora_root(self) -> nn.Module:
         """The module LoRA adapters go into (the language model without the vision parts)."""
-        raise NotImplementedError
+        return getattr(self, self.language_model_attr)
 
     def decoder_layers(self) -> nn.ModuleList:
         """The language model's decoder layers (what the freeze strategies count)."""
@@ -242,9 +243,6 @@ class MiniMindVLM(VisionLanguageMixin, MiniMindForCausalLM):
         if config.lora_rank:
             add_lora(self.model, config)
         self._init_vision(config, vision_model_path)
-
-    def lora_root(self) -> nn.Module:
-        return self.model
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
