@@ -27,7 +27,18 @@ def test_bench_train_reports_throughput(workspace, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["steps_timed"] == 2 and report["batch_size"] == 4 and report["mfu"] is None  # no peak on a CPU
     assert report["samples_per_s"] > 0 and report["padded_tokens_per_s"] >= report["real_tokens_per_s"] > 0
-    assert report["model_tflops_per_s"] > 0 and len(report["loss_first_last"]) == 2
+    assert report["model_tflops_per_s"] > 0 and len(report["losses"]) == 3  # every step, warm-up ones too
+
+
+def test_bench_train_packing_keeps_the_loss_curve(workspace, tmp_path, capsys):
+    """The optimised path (packed rows) trains through the same per-step losses as the plain padded one."""
+    curves = []
+    for flags in ([], ["--packing"]):
+        assert main(["bench", "train", "--work-dir", str(tmp_path), "--data", workspace["sft"], "--steps", "3",
+                     "--warmup", "1", "--batch-size", "4", "--max-seq-len", "128", "--device", "cpu", *SMALL_LLM,
+                     *flags]) == 0
+        curves.append(json.loads(capsys.readouterr().out)["losses"])
+    assert curves[1] == pytest.approx(curves[0], abs=2e-4) and len(set(curves[0])) > 1
 
 
 @pytest.mark.skipif(not any(os.path.isfile(p) for p in ("../shared/bench/make_vlm_parquet.py",
@@ -43,3 +54,18 @@ def test_reference_data_comes_from_the_shared_generator(tmp_path, monkeypatch):
 def test_a_missing_generator_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="--generator PATH or --data"):
         find_generator(str(tmp_path / "nowhere.py"))
+
+
+def test_bench_train_with_a_feature_cache_skips_the_tower_later(workspace, tmp_path, capsys, monkeypatch):
+    """The pretrain lever: each distinct image goes through the tower once (the workspace's 48 rows show 3 images);
+    every later use, in this epoch or the next, reads the cache."""
+    from minimind_v.models.vision_tower import VisionTower
+
+    calls = []
+    original = VisionTower.forward
+    monkeypatch.setattr(VisionTower, "forward",
+                        lambda self, pixels: calls.append(len(pixels)) or original(self, pixels))
+    assert main(["bench", "train", "--work-dir", str(tmp_path), "--data", workspace["sft"], "--steps", "6",
+                 "--warmup", "6", "--batch-size", "8", "--max-seq-len", "128", "--device", "cpu", "--freeze", "2",
+                 "--feature-cache", str(tmp_path / "cache"), *SMALL_LLM]) == 0
+    assert sum(calls) == 3 and len(json.loads(capsys.readouterr().out)["losses"]) == 12  # 12 steps: 2 epochs

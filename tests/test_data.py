@@ -20,8 +20,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import CHATML, build_tokenizer, tiny_config
-from minimind_v.data.datasets import (IGNORE_INDEX, ConversationDataset, Sample, SkipStats, TextDataset, collate, iter_records,
-                             tokenize_conversation)
+from minimind_v.data.batching import collate
+from minimind_v.data.datasets import (IGNORE_INDEX, ConversationDataset, Sample, SkipStats, TextDataset, iter_records,
+                                      tokenize_conversation)
 
 CONFIG = tiny_config()  # 16 x '@' (id 34) per image
 RUN = 16

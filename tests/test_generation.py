@@ -195,6 +195,14 @@ def test_static_decode_steps_equal_the_dynamic_cache(engine):
     assert len(static.decoders.decoders) == 1
 
 
+def test_compiled_cpu_decoding_equals_eager_decoding(engine):
+    """On a CPU `compile=True` decodes through the compiled fixed-shape step (weights frozen into it)."""
+    compiled = Engine(engine.model, engine.tokenizer, compile=True)
+    assert compiled.decoders is not None and Engine(engine.model, engine.tokenizer).decoders is None
+    requests = [ask("hi", [], max_new_tokens=12), ask("two pictures", [image(2), image(3)], max_new_tokens=12)]
+    assert [r.token_ids for r in compiled.generate(requests)] == [r.token_ids for r in engine.generate(requests)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_graph_decoding_equals_eager_decoding(engine, compile):

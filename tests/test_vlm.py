@@ -40,8 +40,14 @@ def naive_merge(embeds, input_ids, features):
 def test_masked_splice_equals_naive_reference():
     torch.manual_seed(0)
     ids = torch.cat([prompt(1, "img", 2, "img", 3), prompt(4, 5, 6, "img", *range(7, 23))])
-    embeds, features = torch.randn(2, 35, 8), torch.randn(3, 16, 8)
-    torch.testing.assert_close(merge_image_features(embeds, ids, features, IMG), naive_merge(embeds, ids, features))
+    embeds, features = torch.randn(2, 35, 8, requires_grad=True), torch.randn(3, 16, 8, requires_grad=True)
+    merged, expected = merge_image_features(embeds, ids, features, IMG), naive_merge(embeds, ids, features)
+    torch.testing.assert_close(merged, expected)
+    weights = torch.randn(2, 35, 8)  # gradients reach the features and the text embeddings as the loop's do
+    for got, want in zip(torch.autograd.grad((merged * weights).sum(), (embeds, features)),
+                         torch.autograd.grad((expected * weights).sum(), (embeds, features))):
+        torch.testing.assert_close(got, want)
+    assert torch.equal(merge_image_features(embeds, torch.ones_like(ids), features[:0], IMG), embeds)  # no images
 
 
 def test_forward_with_images_equals_reference_embeddings(clip_dir):

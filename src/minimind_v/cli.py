@@ -317,6 +317,7 @@ def add_bench_parsers(sub) -> None:
     train.add_argument("--compile", action="store_true")
     train.add_argument("--packing", action="store_true", help="several samples per row, no padding")
     train.add_argument("--chunked-loss", action="store_true", help="loss in chunks from the hidden states")
+    train.add_argument("--feature-cache", metavar="DIR", help="keep the tower's features (computed once per image)")
     train.add_argument("--device", default="auto")
     train.add_argument("--dtype", default="auto")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config fields")
@@ -329,7 +330,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     report = bench_train(args.work_dir, args.data, args.rows, args.steps, args.warmup, args.generator, args.tokenizer,
                          batch_size=args.batch_size, max_seq_len=args.max_seq_len, freeze=args.freeze,
                          num_workers=args.num_workers, compile=args.compile, packing=args.packing,
-                         chunked_loss=args.chunked_loss,
+                         chunked_loss=args.chunked_loss, feature_cache=args.feature_cache,
                          device=args.device, dtype=args.dtype,
                          overrides=parse_overrides(args.set))
     print(json.dumps(report, indent=2))

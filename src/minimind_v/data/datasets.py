@@ -500,24 +500,3 @@ class TextDataset(_RecordDataset):
 
 
 # ------------------------------------------------------------------------------------------------------ batching
-
-
-def collate(samples: list[Sample | tuple[None, str]], pad_token_id: int) -> dict:
-    """Samples -> a right-padded batch; (None, reason) entries are dropped and their reasons returned in "skipped".
-    Use with a DataLoader as `functools.partial(collate, pad_token_id=tokenizer.pad_token_id)`."""
-    if pad_token_id is None:
-        raise ValueError("collate needs a pad_token_id (the tokenizer has none: set tokenizer.pad_token)")
-    kept = [s for s in samples if isinstance(s, Sample)]
-    skipped = [s[1] for s in samples if not isinstance(s, Sample)]
-    length = max((len(s.input_ids) for s in kept), default=0)
-    input_ids = torch.full((len(kept), length), pad_token_id, dtype=torch.long)  # [B, L]
-    labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)  # [B, L]
-    attention_mask = torch.zeros((len(kept), length), dtype=torch.long)  # [B, L]: 1 real, 0 pad
-    for row, sample in enumerate(kept):
-        n = len(sample.input_ids)
-        input_ids[row, :n] = torch.tensor(sample.input_ids, dtype=torch.long)
-        labels[row, :n] = torch.tensor(sample.labels, dtype=torch.long)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "token_mask": attention_mask,
-            "lengths": [len(s.input_ids) for s in kept], "images": [image for s in kept for image in s.images],
-            "image_keys": [key for s in kept for key in s.image_keys], "skipped": skipped}

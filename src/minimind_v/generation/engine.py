@@ -24,7 +24,7 @@ from ..data.processing import IMAGE_MARKER, chat_prompt, check_placeholders, exp
 from ..training.features import ImageFeatures
 from .kv_cache import PreallocatedCache
 from .sampling import SamplingParams, TokenChooser
-from .static_decode import DecoderPool, graphs_possible
+from .static_decode import DecoderPool, static_possible
 
 
 class RequestError(ValueError):
@@ -125,9 +125,12 @@ class Engine:
                  compile: bool = False):
         """`features`: the tower behind a feature cache (evaluation reuses cached features); by default the
         model's own tower, uncached. `cuda_graphs`: replay decode steps as CUDA graphs where possible;
-        `compile`: torch.compile the graphed step first (fewer, fused kernels; compiles once per batch shape)."""
+        `compile`: torch.compile the fixed-shape step (fewer, fused kernels; compiles once per batch shape) - on
+        CUDA before capturing it, on a CPU with the weights frozen into it (build a new Engine after changing them)."""
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.decoders = DecoderPool(compile=compile) if cuda_graphs and graphs_possible(model) else None
+        on_gpu = model.device.type == "cuda"
+        wanted = cuda_graphs if on_gpu else compile  # a CPU gains from static steps only when they are compiled
+        self.decoders = DecoderPool(compile=compile) if wanted and static_possible(model) else None
         tower = model.vision_tower
         self.features = features or (ImageFeatures(tower) if tower is not None else None)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None

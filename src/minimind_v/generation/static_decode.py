@@ -10,9 +10,11 @@ kernel, which is what bounds a small model's decoding on a GPU.
     StaticDecoder      per (batch, max_len): the static inputs, the captured graph, `step(tokens, position)`
     DecoderPool        the engine's few decoders, reused across generations of the same (batch, max_len bucket)
 
-Only dense MiniMind models on CUDA use graphs (a mixture of experts routes with data-dependent shapes, and the
-Hugging Face backbones keep transformers' own decoding); elsewhere the engine decodes step by step as before. On the
-CPU `StaticDecoder(use_graph=False)` runs the same static step eagerly, which the tests compare with the dynamic cache.
+Only dense MiniMind models use static steps (a mixture of experts routes with data-dependent shapes, and the Hugging
+Face backbones keep transformers' own decoding): on CUDA as graphs, on a CPU only when compiled (`Engine(compile=True)`:
+the step through torch.compile with Inductor's weight freezing; eager static steps are no faster than the dynamic
+cache there). Elsewhere the engine decodes step by step. `StaticDecoder(use_graph=False)` runs the same static step
+without a graph, which the tests compare with the dynamic cache.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class StaticDecoder:
         device = model.device
         self.model, self.use_graph, self.graph = model, use_graph, None
         self.run = torch.compile(self._forward, dynamic=False) if compile else self._forward  # fuses the small ops
+        self.freeze = compile and device.type == "cpu"
         self.cache = StaticCache(model.config.num_hidden_layers, max_len, device)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
@@ -86,7 +89,10 @@ class StaticDecoder:
         self.mask.copy_((self.valid & (self.arange <= position))[:, None, None, :])
         self.cache.set_static(True)
         if not self.use_graph:
-            return self.run()
+            # compiled on a CPU: the weights are frozen into the graph (packed for its matrix products); the engine
+            # may do this because it only runs the model under inference_mode, and its weights do not change
+            with torch._inductor.config.patch(freezing=self.freeze):
+                return self.run()
         if self.graph is None:
             self._capture()
         self.graph.replay()
@@ -129,7 +135,6 @@ class DecoderPool:
         return self.decoders[key]
 
 
-def graphs_possible(model) -> bool:
-    """Dense MiniMind on CUDA."""
-    return (model.device.type == "cuda" and not getattr(model.config, "llm_path", None)
-            and not model.config.use_moe)
+def static_possible(model) -> bool:
+    """Dense MiniMind (graphs on CUDA, compiled steps on a CPU)."""
+    return not getattr(model.config, "llm_path", None) and not model.config.use_moe

@@ -1,14 +1,17 @@
 """Grouped-query self-attention through `scaled_dot_product_attention`, and the masks it takes.
 
 The attention never builds its own mask: the model passes either `None` (plain causal: SDPA's `is_causal`, the
-FlashAttention path on GPU) or a boolean mask [B, 1, L, S] (True = may attend). `build_attention_mask` makes that
-mask from a 2D padding mask and the KV-cache offset; a packed row (several samples, block-diagonal causal mask with
-per-sample `position_ids`) passes its own 4D mask through the same argument, so packing needs no change here.
+FlashAttention path on GPU), a boolean mask [B, 1, L, S] (True = may attend), or a `PackedMask` for packed rows
+(several samples per row, each attending causally within itself, with per-sample `position_ids`).
+`build_attention_mask` makes the boolean mask from a 2D padding mask and the KV-cache offset. A `PackedMask` runs
+as variable-length FlashAttention on CUDA (`torch.nn.attention.varlen`: every sample is its own sequence, nothing is
+computed across samples or on masked blocks) in fp16/bf16 and as its block-diagonal boolean mask elsewhere.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,29 @@ from transformers.cache_utils import Cache
 from ..config import MiniMindVConfig
 from .norm import RMSNorm
 from .rope import apply_rotary
+
+
+@dataclass
+class PackedMask:
+    """Packed rows. segment_ids [R, L]: the sample of the row each position holds (-1: padding); cu_seqlens int32
+    [segments + 1]: where every segment (each sample, and each row's padding tail) starts in the R * L flattened
+    positions, then R * L; max_len: no segment is longer (None: L)."""
+
+    segment_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_len: int | None = None
+
+    def dense(self) -> torch.Tensor:
+        """bool [R, 1, L, L]: same sample (or both padding) and not in the future."""
+        length = self.segment_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.segment_ids.device).tril()  # [L, L]
+        return ((self.segment_ids[:, :, None] == self.segment_ids[:, None, :]) & causal)[:, None]
+
+
+def varlen_ready(config: MiniMindVConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a `PackedMask` will run as variable-length FlashAttention (else as its dense mask)."""
+    return (config.flash_attn and config.dropout == 0.0 and device.type == "cuda"
+            and dtype in (torch.float16, torch.bfloat16))
 
 
 class Attention(nn.Module):
@@ -51,6 +77,12 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)  # [B, Hkv, S, D], S = past + L
         is_causal = mask is None and seq_len > 1
         dropout_p = self.dropout if self.training else 0.0
+        if isinstance(mask, PackedMask):
+            # v is in the compute dtype (under autocast q and k left RoPE in fp32, as SDPA's autocast would cast them)
+            if self.use_sdpa and dropout_p == 0.0 and v.is_cuda and v.dtype in (torch.float16, torch.bfloat16):
+                q, k = q.to(v.dtype), k.to(v.dtype)
+                return self.resid_dropout(self.o_proj(packed_attention(q, k, v, mask.cu_seqlens, mask.max_len)))
+            mask = mask.dense()
         if self.use_sdpa:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)
@@ -58,6 +90,22 @@ class Attention(nn.Module):
             out = eager_attention(q, k, v, mask, is_causal, dropout_p)
         out = out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim)  # [B, L, H * D]
         return self.resid_dropout(self.o_proj(out))
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_len: int | None = None) -> torch.Tensor:
+    """Variable-length FlashAttention (CUDA) over packed rows: q [R, H, L, D], k/v [R, Hkv, L, D] ->
+    [R, L, H * D]; the flattened R * L positions are cut into segments at cu_seqlens (none longer than max_len,
+    default L), each causal on its own."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    rows, heads, length, dim = q.shape
+    flat = lambda t: t.transpose(1, 2).reshape(rows * length, t.shape[1], dim)  # noqa: E731  [R * L, H(kv), D]
+    rep = heads // k.shape[1]  # GQA: query head h reads kv head h // rep
+    keys, values = flat(k).repeat_interleave(rep, dim=1), flat(v).repeat_interleave(rep, dim=1)  # [R * L, H, D]
+    longest = max_len or length
+    out = varlen_attn(flat(q), keys, values, cu_seqlens, cu_seqlens, longest, longest, window_size=(-1, 0))
+    return out.view(rows, length, heads * dim)  # [R, L, H * D]
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
@@ -90,9 +138,14 @@ def build_attention_mask(attention_mask: torch.Tensor | None, seq_len: int, past
                          device: torch.device) -> torch.Tensor | None:
     """Turn the caller's mask into what `Attention` takes.
 
-    attention_mask: None, a padding mask [B, past + L] (1 = token, 0 = padding), or a ready bool/0-1 mask
-    [B, 1, L, past + L] (e.g. block-diagonal for packed rows). Returns None when plain causal attention is exact.
+    attention_mask: None, a padding mask [B, past + L] (1 = token, 0 = padding), a ready bool/0-1 mask
+    [B, 1, L, past + L], or a `PackedMask` (kept for CUDA, its boolean mask elsewhere). Returns None when plain causal
+    attention is exact.
     """
+    if isinstance(attention_mask, PackedMask):
+        if past_len:
+            raise ValueError("packed rows (PackedMask) cannot follow a KV cache")
+        return attention_mask if attention_mask.segment_ids.is_cuda else attention_mask.dense()
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask.bool()
     if attention_mask is not None:

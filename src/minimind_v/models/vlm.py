@@ -2,7 +2,7 @@
 
     pixel_values [B, N, 3, H, W] -> vision_tower -> [B*N, T, ve] -> vision_proj -> [B*N, T, hidden]
     input_ids [B, L] -> embed_tokens -> [B, L, hidden]; the placeholder positions (input_ids == image token id, T per
-    image, in reading order) are overwritten with the image features by `masked_scatter` -> language model -> logits
+    image, in reading order) are overwritten with the image features, in order -> language model -> logits
 
 Images are encoded at prefill only (never again once the KV cache holds them). By default the frozen vision tower is
 not part of the saved checkpoint: `save_pretrained` leaves it out and `from_pretrained` reloads it from
@@ -325,6 +325,9 @@ def merge_image_features(embeds: torch.Tensor, input_ids: torch.LongTensor, feat
 
     embeds [B, L, H], input_ids [B, L], features [N, T, H] -> [B, L, H]. The placeholders, read row by row, must be
     exactly N * T; otherwise (a missing image, an extra one, or a placeholder run cut by truncation) ValueError.
+    The k-th placeholder takes feature row k, as `masked_scatter` does, but through the placeholders' positions
+    (`nonzero_static`: the count is known) and `index_copy`, so neither direction makes the host wait for the GPU
+    (masked_scatter's backward runs masked_select, which does).
     """
     mask = input_ids == image_token_id  # [B, L]
     if not torch.compiler.is_compiling() and int(mask.sum()) != features.shape[0] * features.shape[1]:
@@ -332,4 +335,8 @@ def merge_image_features(embeds: torch.Tensor, input_ids: torch.LongTensor, feat
         raise ValueError(f"input_ids hold {num_slots} image placeholder tokens (id {image_token_id}) but the "
                          f"{features.shape[0]} image(s) give {num_features} features ({features.shape[1]} each); "
                          "every image needs one complete placeholder run (was the prompt truncated?)")
-    return embeds.masked_scatter(mask[..., None].expand_as(embeds), features.to(embeds.dtype))
+    if features.shape[0] == 0:
+        return embeds
+    rows = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # [N * T, H]
+    slots = torch.nonzero_static(mask.flatten(), size=rows.shape[0]).squeeze(1)  # [N * T] flat placeholder positions
+    return embeds.flatten(0, 1).index_copy(0, slots, rows).view_as(embeds)  # [B, L, H]

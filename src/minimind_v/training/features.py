@@ -42,7 +42,7 @@ def pixel_key(image: Image.Image) -> str:
 class ImageFeatures:
     """images (+ content keys) -> tower features [N, T, D] on `device`, cached by key when a cache is enabled."""
 
-    def __init__(self, tower: VisionTower, cache_dir: str | None = None, name: str = "tower", batch_size: int = 64):
+    def __init__(self, tower: VisionTower, cache_dir: str | None = None, name: str = "tower", batch_size: int = 256):
         self.tower, self.batch_size = tower, batch_size
         self.path = os.path.join(cache_dir, f"{name}.safetensors") if cache_dir else None
         self.cache: dict[str, torch.Tensor] | None = None if cache_dir is None else {}
@@ -50,8 +50,9 @@ class ImageFeatures:
         if self.path and os.path.isfile(self.path):
             self.cache = dict(load_file(self.path))
 
-    def __call__(self, images: list[Image.Image], keys: list[str], device: torch.device) -> torch.Tensor:
-        if not images:
+    def __call__(self, images: list[Image.Image] | torch.Tensor, keys: list[str], device: torch.device) -> torch.Tensor:
+        """images: PIL images, or the pixel values loader workers made (stacked [N, 3, H, W]) -> [N, T, D]."""
+        if not len(images):
             return torch.empty(0, self.tower.num_tokens, self.tower.hidden_size, device=device)
         if self.cache is None:
             return self._encode(images).to(device)
@@ -60,18 +61,22 @@ class ImageFeatures:
             encoded = self._encode(list(missing.values())).to("cpu", torch.float16)
             self.cache.update(zip(missing, encoded))
             self.dirty = True
-        return torch.stack([self.cache[k] for k in keys]).to(device, torch.float32)
+        stacked = torch.stack([self.cache[k] for k in keys])  # [N, T, D] fp16 on the CPU
+        if device.type == "cuda":  # pinned: the copy does not make the host wait for the GPU
+            stacked = stacked.pin_memory()
+        return stacked.to(device, non_blocking=True).float()
 
-    def _encode(self, images: list[Image.Image | torch.Tensor]) -> torch.Tensor:
-        """PIL images (or pixel values [3, H, W] that loader workers made) -> [N, T, D], in chunks of batch_size."""
-        device = next(self.tower.parameters()).device
+    def _encode(self, images: list[Image.Image | torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """PIL images or pixel values ([3, H, W] each, or stacked) -> [N, T, D], in chunks of batch_size."""
+        weight = next(self.tower.parameters())
         chunks = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            pixels = (torch.stack(chunk) if isinstance(chunk[0], torch.Tensor)
-                      else torch.cat([image2tensor(img, self.tower.processor) for img in chunk]))
-            dtype = next(self.tower.parameters()).dtype  # workers may send fp16 pixels
-            chunks.append(self.tower(pixels.to(device, dtype, non_blocking=True)).float())
+            if isinstance(chunk, list):
+                chunk = (torch.stack(chunk) if isinstance(chunk[0], torch.Tensor)
+                         else torch.cat([image2tensor(img, self.tower.processor) for img in chunk]))
+            # workers' pixels arrive pinned: the copy does not wait for the GPU (they may be fp16: cast there)
+            chunks.append(self.tower(chunk.to(weight.device, non_blocking=True).to(weight.dtype)).float())
         return torch.cat(chunks)
 
     def save(self) -> None:

@@ -44,7 +44,7 @@ def step_flops(model, batches: list[dict]) -> float:
         lengths = torch.tensor(batch["lengths"], dtype=torch.float64)  # [samples] real tokens each
         flops += 6 * llm * float(lengths.sum()) + 6 * config.num_hidden_layers * attention_width * float(
             (lengths ** 2).sum())
-        if tower is not None and batch["images"]:
+        if tower is not None and len(batch["images"]):
             tokens, width = tower.num_tokens, tower.hidden_size
             layers = getattr(getattr(tower.encoder, "config", None), "num_hidden_layers", 0)
             per_image = 2 * sum(p.numel() for p in tower.parameters()) * tokens + 4 * layers * width * tokens ** 2
@@ -55,6 +55,8 @@ def step_flops(model, batches: list[dict]) -> float:
 def bench_train(work_dir: str, data: str | None = None, rows: int = 2400, steps: int = 40, warmup: int = 5,
                 generator: str | None = None, tokenizer: str | None = None, **train: object) -> dict:
     """Train the reference setting for warmup + steps optimizer steps; the figures of the timed steps."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"bench train needs --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
     tower = save_reference_tower(os.path.join(work_dir, "tower"))
     data = data or make_reference_data(os.path.join(work_dir, f"bench_{rows}.parquet"), rows, 0, generator)
     options = {"batch_size": 16, "max_seq_len": 768, "freeze": 0, "log_every": 10 ** 9, "epochs": 1000, **train}
@@ -64,41 +66,69 @@ def bench_train(work_dir: str, data: str | None = None, rows: int = 2400, steps:
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timed, losses = [], []
+    steps_run, losses = [], []
     loader = trainer._loader([step for _, _, step in trainer.plan()[:warmup + steps]])  # one loader, all epochs
-    for _ in range(warmup + steps):
-        synchronize(device)
-        start = time.perf_counter()
+    for number in range(warmup + steps):
+        if number == warmup:  # the clock starts once the warm-up steps have finished on the device
+            synchronize(device)
+            clock = StepClock(device)
+        started = time.perf_counter()
         batches = next(loader)
-        loaded = time.perf_counter()
-        metrics = trainer.train_step(batches)
-        synchronize(device)
-        timed.append((time.perf_counter() - start, sum(len(b["lengths"]) for b in batches),
-                      sum(int(b["token_mask"].sum()) for b in batches),
-                      sum(b["input_ids"].numel() for b in batches), step_flops(trainer.model, batches),
-                      loaded - start))
+        waited = time.perf_counter() - started
+        metrics = trainer.train_step(batches)  # no per-step sync: the next batch loads while the GPU works
         losses.append(metrics["loss"])
-    return {"tokenizer": tokenizer or "shipped default", **report(timed[warmup:], losses, trainer, device)}
+        if number >= warmup:
+            clock.tick()
+            steps_run.append((sum(len(b["lengths"]) for b in batches), sum(int(b["token_mask"].sum()) for b in batches),
+                              sum(b["input_ids"].numel() for b in batches), step_flops(trainer.model, batches), waited))
+    synchronize(device)
+    losses = [round(float(loss), 4) for loss in losses]
+    return {"tokenizer": tokenizer or "shipped default", **report(steps_run, clock.seconds(), losses, trainer, device)}
 
 
-def report(timed: list[tuple], losses: list[float], trainer: Trainer, device: torch.device) -> dict:
-    seconds = sum(t[0] for t in timed)
-    flops_per_s = sum(t[4] for t in timed) / seconds
+class StepClock:
+    """Step times without stalling the GPU: CUDA events recorded after each step and read at the end (wall-clock
+    time on a CPU). seconds(): every step's duration, the first measured from the clock's start."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = [self._mark()]
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def tick(self) -> None:
+        self.marks.append(self._mark())
+
+    def seconds(self) -> list[float]:
+        pairs = zip(self.marks, self.marks[1:])
+        return [a.elapsed_time(b) / 1000 if self.cuda else b - a for a, b in pairs]
+
+
+def report(steps: list[tuple], durations: list[float], losses: list[float], trainer: Trainer,
+           device: torch.device) -> dict:
+    """steps: (samples, real tokens, padded tokens, FLOPs, seconds waiting for the loader) per timed step."""
+    seconds = sum(durations)
+    flops_per_s = sum(t[3] for t in steps) / seconds
     peak = peak_flops(device)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-           "dtype": str(trainer.dtype).replace("torch.", ""), "steps_timed": len(timed),
+           "dtype": str(trainer.dtype).replace("torch.", ""), "steps_timed": len(steps),
            "batch_size": trainer.global_batch, "compile": trainer.args.compile,
            "trainable_params": trainer.params["trainable_params"],
-           "samples_per_s": round(sum(t[1] for t in timed) / seconds, 1),
-           "real_tokens_per_s": round(sum(t[2] for t in timed) / seconds),
-           "padded_tokens_per_s": round(sum(t[3] for t in timed) / seconds),
+           "samples_per_s": round(sum(t[0] for t in steps) / seconds, 1),
+           "real_tokens_per_s": round(sum(t[1] for t in steps) / seconds),
+           "padded_tokens_per_s": round(sum(t[2] for t in steps) / seconds),
            "packing": trainer.args.packing,
-           "step_ms_median": round(statistics.median(t[0] for t in timed) * 1000, 1),
-           "step_ms_max": round(max(t[0] for t in timed) * 1000, 1),
-           "data_wait_ms_mean": round(statistics.fmean(t[5] for t in timed) * 1000, 1),
+           "step_ms_median": round(statistics.median(durations) * 1000, 1),
+           "step_ms_max": round(max(durations) * 1000, 1),
+           "data_wait_ms_mean": round(statistics.fmean(t[4] for t in steps) * 1000, 1),
            "model_tflops_per_s": round(flops_per_s / 1e12, 2),
            "mfu": round(flops_per_s / peak, 4) if peak else None,
-           "loss_first_last": [losses[0], losses[-1]]}
+           "losses": losses}
     if device.type == "cuda":
         out["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
     return out

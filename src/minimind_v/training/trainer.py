@@ -27,10 +27,11 @@ import torch
 
 from .checkpointing import RunLog, load_resume_state, save_checkpoint
 from .loss import chunked_summed_loss, summed_loss
-from ..data.datasets import ConversationDataset, SkipStats, TextDataset, collate
-from ..data.packing import pack, packed_attention_mask
+from ..data.datasets import ConversationDataset, SkipStats, TextDataset
+from ..data.batching import collate, pack
 from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_device
 from .features import ImageFeatures, tower_id
+from ..models.attention import PackedMask, varlen_ready
 from ..models.vision_tower import image2tensor
 from ..models.vlm import MiniMindVLM, build_vlm, load_vlm
 
@@ -162,6 +163,8 @@ class Trainer:
             raise ValueError("--packing needs the MiniMind language model (a Hugging Face backbone reads masks its "
                              "own way)")
         self._prepare_model()
+        # packed samples under variable-length attention need no rows of max_seq_len: one row, (almost) no padding
+        self.one_row = args.packing and varlen_ready(self.model.config, self.device, self.dtype)
         self.stats = SkipStats()
         self.dataset = make_dataset(args, self.tokenizer, self.model, self.stats)
         tower = self.model.vision_tower
@@ -182,6 +185,8 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, args.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.wrapped = self._wrap()
+        # compiled, the cross-entropy over [tokens, vocabulary] logits is a few fused passes instead of eager ones
+        self.summed_loss = torch.compile(summed_loss, dynamic=True) if args.compile else summed_loss
         self.step = self.epoch = self.position = 0
         self.log = RunLog(args.out_dir, main=self.rank == 0, loggers=args.loggers, total=self.total_steps)
         if args.resume:
@@ -213,12 +218,12 @@ class Trainer:
 
     def run(self) -> dict:
         start, last = time.time(), {}
+        self._since, self._tokens = start, 0  # throughput over each logging interval
         plan = self.plan()
         for (epoch, position, _), batches in zip(plan, self._loader([step for _, _, step in plan])):
             self.epoch = epoch
-            last = self.train_step(batches)
             self.step, self.position = self.step + 1, position + 1
-            self._after_step(last)
+            last = self._after_step(self.train_step(batches)) or last
             if self.position >= self.steps_per_epoch:
                 self.epoch, self.position = epoch + 1, 0
         save_checkpoint(self, final=True)
@@ -241,8 +246,8 @@ class Trainer:
         """Yield each step's micro-batches for this process, collated (workers decode images in parallel)."""
         micro = [mb for step in steps for mb in micro_batches(step, self.rank, self.world, self.args.grad_accum)]
         pad = self.tokenizer.pad_token_id
-        batcher = (functools.partial(pack, max_len=self.args.max_seq_len, pad_token_id=pad) if self.args.packing
-                   else functools.partial(collate, pad_token_id=pad))
+        batcher = (functools.partial(pack, max_len=self.args.max_seq_len, pad_token_id=pad, one_row=self.one_row)
+                   if self.args.packing else functools.partial(collate, pad_token_id=pad))
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=micro, num_workers=self.args.num_workers,
                                              collate_fn=batcher,
                                              pin_memory=self.device.type == "cuda",
@@ -256,23 +261,32 @@ class Trainer:
                 yield group
                 group = []
 
-    def _after_step(self, metrics: dict) -> None:
-        args = self.args
+    def _after_step(self, step: dict) -> dict | None:
+        """Log (the only place a step's results leave the GPU), checkpoint, evaluate; the logged record, if any."""
+        args, record = self.args, None
+        self._tokens += step["tokens"]
         if self.step % args.log_every == 0 or self.step == self.total_steps:
-            self.log.write({"step": self.step, "epoch": self.epoch, **metrics})
+            now = time.time()
+            record = {"loss": round(float(step["loss"]), 5), "lr": step["lr"],
+                      "grad_norm": round(float(step["grad_norm"]), 4),
+                      "tokens_per_s": round(self._tokens * self.world / max(now - self._since, 1e-9))}
+            self.log.write({"step": self.step, "epoch": self.epoch, **record})
+            self._since, self._tokens = now, 0
         if args.save_every and self.step % args.save_every == 0:
             save_checkpoint(self, final=False)
         if args.evaluate is not None and args.eval_every and self.step % args.eval_every == 0 and self.rank == 0:
             self.log.write({"step": self.step, **args.evaluate(self.model)})
         if self.features is not None and self.rank == 0 and self.step % max(1, self.steps_per_epoch) == 0:
             self.features.save()
+        return record
 
     def train_step(self, batches: list[dict]) -> dict:
-        started = time.time()
-        supervised = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        total = float(all_reduce_sum(torch.tensor(float(supervised), device=self.device)))
+        """One optimizer step. Nothing waits for the GPU (in one process): loss and grad_norm come back as tensors,
+        so the next batch is prepared while this step runs."""
+        supervised = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))  # labels are on the CPU
+        total = supervised if self.world == 1 else float(all_reduce_sum(torch.tensor(supervised, device=self.device)))
         self.model.train()
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens = torch.zeros((), device=self.device), 0
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1 or self.world == 1
             with contextlib.nullcontext() if sync else self.wrapped.no_sync():
@@ -286,29 +300,32 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        loss = float(all_reduce_sum(torch.tensor(loss_sum, device=self.device))) / max(total, 1.0)
-        return {"loss": round(loss, 5), "lr": self.scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
-                "tokens_per_s": round(tokens * self.world / max(time.time() - started, 1e-9))}
+        return {"loss": all_reduce_sum(loss_sum) / max(total, 1.0), "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm, "tokens": tokens}
 
-    def _forward(self, batch: dict, total_supervised: float, accum: int) -> tuple[torch.Tensor, float]:
-        """Loss to backpropagate (this micro-batch's share of the global token mean) and its plain sum."""
+    def _forward(self, batch: dict, total_supervised: float, accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss to backpropagate (this micro-batch's share of the global token mean) and its plain sum (detached)."""
         if batch["input_ids"].shape[0] == 0:  # everything skipped: a zero loss that still touches every weight
-            return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad), 0.0
+            zero = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+            return zero, zero.detach()
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            features = self.features(batch["images"], batch["image_keys"], self.device) if batch["images"] else None
-            if "segment_ids" in batch:  # packed rows: block-diagonal mask, every sample counts positions from 0
-                mask = packed_attention_mask(batch["segment_ids"].to(self.device, non_blocking=True))
+            images = batch["images"]  # a stacked tensor (workers preprocessed them) or a list of PIL images
+            features = self.features(images, batch["image_keys"], self.device) if len(images) else None
+            if "segment_ids" in batch:  # packed rows: each sample attends within itself, counts positions from 0
+                mask = PackedMask(batch["segment_ids"].to(self.device, non_blocking=True),
+                                  batch["cu_seqlens"].to(self.device, non_blocking=True), self.args.max_seq_len)
                 positions = batch["position_ids"].to(self.device, non_blocking=True)
             else:
                 mask, positions = batch["attention_mask"].to(self.device, non_blocking=True), None
             chunked = self.args.chunked_loss and isinstance(self.model, MiniMindVLM)  # its output has the hidden
             out = self.wrapped(input_ids=ids, attention_mask=mask, position_ids=positions, image_features=features,
                                use_cache=False, logits_to_keep=1 if chunked else 0)
-            summed = (chunked_summed_loss(out.hidden_states, self.model.lm_head, batch["labels"]) if chunked
-                      else summed_loss(out.logits, batch["labels"]))
+            labels = batch["labels"].to(self.device, non_blocking=True)  # a blocking copy would wait for the GPU
+            summed = (chunked_summed_loss(out.hidden_states, self.model.lm_head, labels) if chunked
+                      else self.summed_loss(out.logits, labels))
         loss = summed * self.world / max(total_supervised, 1.0) + out.aux_loss / accum
-        return loss, float(summed.detach())
+        return loss, summed.detach().float()
 
 
 def pixel_values(image, processor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
