@@ -40,10 +40,10 @@ class PackedMask:
         return ((self.segment_ids[:, :, None] == self.segment_ids[:, None, :]) & causal)[:, None]
 
 
-def varlen_ready(config: MiniMindVConfig, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a `PackedMask` will run as variable-length FlashAttention (else as its dense mask)."""
-    return (config.flash_attn and config.dropout == 0.0 and device.type == "cuda"
-            and dtype in (torch.float16, torch.bfloat16))
+def varlen_ready(flash_attn: bool, dropout: float, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a `PackedMask` runs as variable-length FlashAttention (else as its dense mask): SDPA attention
+    (config.flash_attn), no attention dropout, CUDA, half precision."""
+    return flash_attn and dropout == 0.0 and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 class Attention(nn.Module):
@@ -79,7 +79,7 @@ class Attention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if isinstance(mask, PackedMask):
             # v is in the compute dtype (under autocast q and k left RoPE in fp32, as SDPA's autocast would cast them)
-            if self.use_sdpa and dropout_p == 0.0 and v.is_cuda and v.dtype in (torch.float16, torch.bfloat16):
+            if varlen_ready(self.use_sdpa, dropout_p, v.device, v.dtype):
                 q, k = q.to(v.dtype), k.to(v.dtype)
                 return self.resid_dropout(self.o_proj(packed_attention(q, k, v, mask.cu_seqlens, mask.max_len)))
             mask = mask.dense()

@@ -164,7 +164,8 @@ class Trainer:
                              "own way)")
         self._prepare_model()
         # packed samples under variable-length attention need no rows of max_seq_len: one row, (almost) no padding
-        self.one_row = args.packing and varlen_ready(self.model.config, self.device, self.dtype)
+        config = self.model.config
+        self.one_row = args.packing and varlen_ready(config.flash_attn, config.dropout, self.device, self.dtype)
         self.stats = SkipStats()
         self.dataset = make_dataset(args, self.tokenizer, self.model, self.stats)
         tower = self.model.vision_tower
