@@ -296,7 +296,9 @@ def add_bench_parsers(sub) -> None:
     decode.add_argument("--images", type=int, default=1, help="images per prompt (0 for text only)")
     decode.add_argument("--runs", type=int, default=3)
     decode.add_argument("--no-graphs", action="store_true", help="decode step by step, without CUDA graphs")
-    decode.add_argument("--compile", action="store_true", help="torch.compile the graphed decode step")
+    decode.add_argument("--compile", action="store_true",
+                        help="torch.compile the fixed-shape decode step (on a GPU before capturing it; on a CPU with "
+                             "the weights frozen in)")
     decode.add_argument("--profile", metavar="TRACE.json", help="also write a torch profiler Chrome trace")
     decode.add_argument("--compare-generate", action="store_true",
                         help="also time transformers' model.generate on the same prompts")
@@ -315,7 +317,7 @@ def add_bench_parsers(sub) -> None:
     train.add_argument("--freeze", type=int, default=0, help="0: the whole LLM trains (the reference's setting)")
     train.add_argument("--num-workers", type=int, default=0)
     train.add_argument("--compile", action="store_true")
-    train.add_argument("--packing", action="store_true", help="several samples per row, no padding")
+    train.add_argument("--packing", action="store_true", help="packed samples: no compute on padding")
     train.add_argument("--chunked-loss", action="store_true", help="loss in chunks from the hidden states")
     train.add_argument("--feature-cache", metavar="DIR", help="keep the tower's features (computed once per image)")
     train.add_argument("--device", default="auto")

@@ -497,6 +497,3 @@ class TextDataset(_RecordDataset):
             ids = ids[:self.max_seq_len]
             self.stats.convert(TRUNCATED)
         return Sample(ids, list(ids), [], [])
-
-
-# ------------------------------------------------------------------------------------------------------ batching

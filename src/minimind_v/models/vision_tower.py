@@ -43,8 +43,8 @@ class VisionTower(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, H, W] -> [N, T, D]."""
-        weight = next(self.encoder.parameters())
-        return self.encode(pixel_values.to(weight.device, weight.dtype))
+        weight = next(self.encoder.parameters())  # pinned pixels move without making the host wait for the GPU
+        return self.encode(pixel_values.to(weight.device, non_blocking=True).to(weight.dtype))
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(pixel_values=pixel_values).last_hidden_state

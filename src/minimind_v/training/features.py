@@ -68,15 +68,13 @@ class ImageFeatures:
 
     def _encode(self, images: list[Image.Image | torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """PIL images or pixel values ([3, H, W] each, or stacked) -> [N, T, D], in chunks of batch_size."""
-        weight = next(self.tower.parameters())
         chunks = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             if isinstance(chunk, list):
                 chunk = (torch.stack(chunk) if isinstance(chunk[0], torch.Tensor)
                          else torch.cat([image2tensor(img, self.tower.processor) for img in chunk]))
-            # workers' pixels arrive pinned: the copy does not wait for the GPU (they may be fp16: cast there)
-            chunks.append(self.tower(chunk.to(weight.device, non_blocking=True).to(weight.dtype)).float())
+            chunks.append(self.tower(chunk).float())  # the tower moves and casts the pixels (workers' may be fp16)
         return torch.cat(chunks)
 
     def save(self) -> None:
