@@ -57,11 +57,13 @@ def test_interactive_chat_in_a_pseudo_terminal(model_dir):
     assert child.exitstatus == 0
 
 
-def test_scripted_chat_prints_the_engines_answer(model_dir):
+@pytest.mark.parametrize("flags", [[], ["--compile"]])
+def test_scripted_chat_prints_the_engines_answer(model_dir, flags):
+    """`--compile` (on a CPU: the compiled fixed-shape step) gives the same answer as the plain engine."""
     image = str(model_dir.parent / "blue.png")
     done = subprocess.run([sys.executable, "-m", "minimind_v.cli", "chat", str(model_dir), "--image", image,
-                           "--prompt", "describe it", "--max-new-tokens", "8"], capture_output=True, text=True,
-                          timeout=120)
+                           "--prompt", "describe it", "--max-new-tokens", "8", *flags], capture_output=True,
+                          text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     engine = engine_for(model_dir)
     from minimind_v.serving.chat import open_image

@@ -196,11 +196,18 @@ def test_static_decode_steps_equal_the_dynamic_cache(engine):
 
 
 def test_compiled_cpu_decoding_equals_eager_decoding(engine):
-    """On a CPU `compile=True` decodes through the compiled fixed-shape step (weights frozen into it)."""
+    """On a CPU `compile=True` decodes through the compiled fixed-shape step (weights frozen into it); at batch 1
+    every matrix product of the step (7 per layer and the LM head) becomes Inductor's fused multiply-and-sum."""
+    from torch._dynamo.utils import counters
+
     compiled = Engine(engine.model, engine.tokenizer, compile=True)
     assert compiled.decoders is not None and Engine(engine.model, engine.tokenizer).decoders is None
     requests = [ask("hi", [], max_new_tokens=12), ask("two pictures", [image(2), image(3)], max_new_tokens=12)]
     assert [r.token_ids for r in compiled.generate(requests)] == [r.token_ids for r in engine.generate(requests)]
+    counters.clear()
+    one = [ask("one picture", [image(4)], max_new_tokens=12)]
+    assert [r.token_ids for r in compiled.generate(one)] == [r.token_ids for r in engine.generate(one)]
+    assert counters["inductor"]["decompose_mm"] == 7 * engine.model.config.num_hidden_layers + 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -12,14 +12,16 @@ kernel, which is what bounds a small model's decoding on a GPU.
 
 Only dense MiniMind models use static steps (a mixture of experts routes with data-dependent shapes, and the Hugging
 Face backbones keep transformers' own decoding): on CUDA as graphs, on a CPU only when compiled (`Engine(compile=True)`:
-the step through torch.compile with Inductor's weight freezing; eager static steps are no faster than the dynamic
-cache there). Elsewhere the engine decodes step by step. `StaticDecoder(use_graph=False)` runs the same static step
+the step through torch.compile with the weights frozen in and each one-row matrix product as one fused pass over its
+weight, see `cpu_step_options`; eager static steps are no faster than the dynamic cache there). Elsewhere the engine decodes step by step. `StaticDecoder(use_graph=False)` runs the same static step
 without a graph, which the tests compare with the dynamic cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from unittest import mock
 
 import torch
 
@@ -64,7 +66,7 @@ class StaticDecoder:
         device = model.device
         self.model, self.use_graph, self.graph = model, use_graph, None
         self.run = torch.compile(self._forward, dynamic=False) if compile else self._forward  # fuses the small ops
-        self.freeze = compile and device.type == "cpu"
+        self.cpu_compiled = compile and device.type == "cpu"
         self.cache = StaticCache(model.config.num_hidden_layers, max_len, device)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
@@ -89,9 +91,7 @@ class StaticDecoder:
         self.mask.copy_((self.valid & (self.arange <= position))[:, None, None, :])
         self.cache.set_static(True)
         if not self.use_graph:
-            # compiled on a CPU: the weights are frozen into the graph (packed for its matrix products); the engine
-            # may do this because it only runs the model under inference_mode, and its weights do not change
-            with torch._inductor.config.patch(freezing=self.freeze):
+            with cpu_step_options() if self.cpu_compiled else contextlib.nullcontext():
                 return self.run()
         if self.graph is None:
             self._capture()
@@ -133,6 +133,22 @@ class DecoderPool:
                 self.decoders.popitem(last=False)
         self.decoders.move_to_end(key)
         return self.decoders[key]
+
+
+@contextlib.contextmanager
+def cpu_step_options():
+    """How Inductor compiles a CPU step. The engine runs the model under inference_mode and never changes its
+    weights, so they are frozen into the graph as constants. A one-row step is a chain of matrix-vector products,
+    bound by reading the weights once; MKL's GEMV reads them at about half of a 2-core machine's memory bandwidth.
+    Inductor's own `decompose_mm_pass` rewrites each [1, K] x [K, N] product into a multiply and a sum, which it
+    fuses into one vectorised pass over the weight: its CPU size limit (2,048) is lifted to cover every layer, and
+    the weights stay unpacked (MKL's packed layout only serves its own kernels; at batch 8 it was no faster)."""
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+    options = {"freezing": True, "cpp.weight_prepack": False, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+    with torch._inductor.config.patch(options), \
+            mock.patch.object(decompose_mem_bound_mm, "cpu_max_other_dimension_decomposition", 1 << 30):
+        yield
 
 
 def static_possible(model) -> bool:
