@@ -13,29 +13,46 @@ SMALL_LLM = ["--set", "hidden_size=64", "--set", "num_hidden_layers=2", "--set",
              "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2"]
 
 
+def table(text: str) -> dict[str, str]:
+    """The rows of the Markdown table a bench command prints, as {figure: value}."""
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ")]
+    return {name.strip(): value.strip() for name, value in rows[1:]}  # rows[0] is the header
+
+
 def test_bench_decode_builds_the_reference_model(capsys):
-    assert main(["bench", "decode", "--device", "cpu", "--prompt-tokens", "100", "--new-tokens", "4", "--batch", "2",
-                 "--runs", "1"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["images"] == 1 and report["prompt_tokens"] >= 100  # 64 image tokens inside
-    assert report["batch_1"]["decode_tokens_per_s"] > 0 and report["batch_2"]["decode_tokens_per_s"] > 0
+    assert main(["bench", "decode", "--device", "cpu", "--prompt-tokens", "100", "--new-tokens", "4",
+                 "--batch", "2", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    figures = table(out)
+    assert out.startswith("bench decode: cpu, float32, step by step, 1") and "with 1 image(s)" in out.splitlines()[0]
+    assert float(figures["batch 1: decode tokens/s"].replace(",", "")) > 0
+    assert float(figures["batch 2: decode tokens/s"].replace(",", "")) > 0
+    assert figures["batch 2: prefill"].endswith(" ms") and "34 on a 2-core CPU" in out  # the original's figure
 
 
 def test_bench_train_reports_throughput(workspace, tmp_path, capsys):
-    assert main(["bench", "train", "--work-dir", str(tmp_path), "--data", workspace["sft"], "--steps", "2",
-                 "--warmup", "1", "--batch-size", "4", "--max-seq-len", "128", "--device", "cpu", *SMALL_LLM]) == 0
+    args = ["bench", "train", "--work-dir", str(tmp_path), "--data", workspace["sft"], "--steps", "2", "--warmup",
+            "1", "--batch-size", "4", "--max-seq-len", "128", "--device", "cpu", *SMALL_LLM]
+    assert main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["steps_timed"] == 2 and report["batch_size"] == 4 and report["mfu"] is None  # no peak on a CPU
     assert report["samples_per_s"] > 0 and report["padded_tokens_per_s"] >= report["real_tokens_per_s"] > 0
     assert report["model_tflops_per_s"] > 0 and len(report["losses"]) == 3  # every step, warm-up ones too
+    assert main(args) == 0  # the default: one table of the figures
+    out = capsys.readouterr().out
+    figures = table(out)
+    assert out.startswith("bench train: cpu, float32, batch 4, ") and "357 with torch.compile" in out
+    assert float(figures["samples/s"].replace(",", "")) > 0 and figures["peak GPU memory"] == "n/a (CPU)"
+    assert figures["model TFLOP/s, MFU"].endswith("n/a (no known peak)") and " -> " in figures[
+        "loss, first -> last step"]
 
 
 def test_bench_train_packing_keeps_the_loss_curve(workspace, tmp_path, capsys):
     """The optimised path (packed rows) trains through the same per-step losses as the plain padded one."""
     curves = []
     for flags in ([], ["--packing"]):
-        assert main(["bench", "train", "--work-dir", str(tmp_path), "--data", workspace["sft"], "--steps", "3",
-                     "--warmup", "1", "--batch-size", "4", "--max-seq-len", "128", "--device", "cpu", *SMALL_LLM,
+        assert main(["bench", "train", "--json", "--work-dir", str(tmp_path), "--data", workspace["sft"],
+                     "--steps", "3", "--warmup", "1", "--batch-size", "4", "--max-seq-len", "128", "--device", "cpu", *SMALL_LLM,
                      *flags]) == 0
         curves.append(json.loads(capsys.readouterr().out)["losses"])
     assert curves[1] == pytest.approx(curves[0], abs=2e-4) and len(set(curves[0])) > 1
@@ -65,7 +82,7 @@ def test_bench_train_with_a_feature_cache_skips_the_tower_later(workspace, tmp_p
     original = VisionTower.forward
     monkeypatch.setattr(VisionTower, "forward",
                         lambda self, pixels: calls.append(len(pixels)) or original(self, pixels))
-    assert main(["bench", "train", "--work-dir", str(tmp_path), "--data", workspace["sft"], "--steps", "6",
-                 "--warmup", "6", "--batch-size", "8", "--max-seq-len", "128", "--device", "cpu", "--freeze", "2",
+    assert main(["bench", "train", "--json", "--work-dir", str(tmp_path), "--data", workspace["sft"],
+                 "--steps", "6", "--warmup", "6", "--batch-size", "8", "--max-seq-len", "128", "--device", "cpu", "--freeze", "2",
                  "--feature-cache", str(tmp_path / "cache"), *SMALL_LLM]) == 0
     assert sum(calls) == 3 and len(json.loads(capsys.readouterr().out)["losses"]) == 12  # 12 steps: 2 epochs

@@ -227,13 +227,26 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .generation.bench import bench
+    from .generation.bench import bench, table_rows
+    from .reference import REFERENCE_DECODE
 
     engine = _engine(args, cuda_graphs=not args.no_graphs)
     report = bench(engine, args.prompt_tokens, args.new_tokens, args.batch, args.images, args.runs, args.profile,
                    args.compare_generate)
-    print(json.dumps(report, indent=2))
+    print_report(report, table_rows, REFERENCE_DECODE, args.json)
     return 0
+
+
+def print_report(report: dict, table_rows, reference: str, as_json: bool) -> None:
+    """The figures as a Markdown table (then the original's figures), or the whole report as JSON."""
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    title, rows = table_rows(report)
+    width = max(len(name) for name, _ in rows)
+    print(f"{title}\n\n| {'figure':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
+    print("\n".join(f"| {name:<{width}} | {value} |" for name, value in rows))
+    print(f"\n{reference}")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True, model_required: bool = True) -> None:
@@ -303,6 +316,7 @@ def add_bench_parsers(sub) -> None:
     decode.add_argument("--profile", metavar="TRACE.json", help="also write a torch profiler Chrome trace")
     decode.add_argument("--compare-generate", action="store_true",
                         help="also time transformers' model.generate on the same prompts")
+    decode.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a table")
     decode.set_defaults(func=cmd_bench)
     train = bench.add_parser("train", help="training throughput of the reference setting (768 x 8 MiniMind, "
                                            "SigLIP B/32-256, the shared generator's data)")
@@ -324,11 +338,13 @@ def add_bench_parsers(sub) -> None:
     train.add_argument("--device", default="auto")
     train.add_argument("--dtype", default="auto")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config fields")
+    train.add_argument("--json", action="store_true", help="print the whole report (each step's loss too) as JSON")
     train.set_defaults(func=cmd_bench_train)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from .training.throughput import bench_train
+    from .reference import REFERENCE_TRAIN
+    from .training.throughput import bench_train, table_rows
 
     report = bench_train(args.work_dir, args.data, args.rows, args.steps, args.warmup, args.generator, args.tokenizer,
                          batch_size=args.batch_size, max_seq_len=args.max_seq_len, freeze=args.freeze,
@@ -336,7 +352,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
                          chunked_loss=args.chunked_loss, feature_cache=args.feature_cache,
                          device=args.device, dtype=args.dtype,
                          overrides=parse_overrides(args.set))
-    print(json.dumps(report, indent=2))
+    print_report(report, table_rows, REFERENCE_TRAIN, args.json)
     return 0
 
 

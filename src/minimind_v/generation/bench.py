@@ -62,6 +62,23 @@ def end_to_end(engine: Engine, requests: list[GenerationRequest], use_generate: 
     return len(requests) * new / (time.perf_counter() - start)
 
 
+def table_rows(report: dict) -> tuple[str, list[tuple[str, str]]]:
+    """(title, [(figure, value)]) of a report, for the table `bench decode` prints."""
+    title = (f"bench decode: {report['device']}, {report['dtype'].replace('torch.', '')}, {report['decoding']}, "
+             f"{report['prompt_tokens']}-token prompt with {report['images']} image(s), "
+             f"{report['new_tokens']} new tokens")
+    rows = []
+    for key in sorted((k for k in report if k.startswith("batch_")), key=lambda k: int(k.split("_")[1])):
+        size, figures = key.split("_")[1], report[key]
+        rows += [(f"batch {size}: prefill", f"{figures['prefill_ms']} ms"),
+                 (f"batch {size}: decode tokens/s", f"{figures['decode_tokens_per_s']:,}")]
+        for name, label in (("engine", "engine"), ("transformers_generate", "transformers generate")):
+            if f"{name}_end_to_end_tokens_per_s" in figures:
+                rows.append((f"batch {size}: {label}, end to end tokens/s",
+                             f"{figures[f'{name}_end_to_end_tokens_per_s']:,}"))
+    return title, rows + [("peak memory", report["peak_memory"])]
+
+
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**20:.1f} MiB GPU (peak allocated)"
@@ -75,7 +92,7 @@ def bench(engine: Engine, prompt_tokens: int = 128, new_tokens: int = 64, batch:
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     report = {"device": str(engine.device), "dtype": str(next(engine.model.parameters()).dtype),
-              "prompt_tokens": None, "new_tokens": new_tokens, "images": images if engine.features else 0}
+              "decoding": engine.decoding_mode(), "prompt_tokens": None, "new_tokens": new_tokens, "images": images if engine.features else 0}
     for size in sorted({1, batch}):
         requests = bench_requests(engine, prompt_tokens, new_tokens, size, images)
         report["prompt_tokens"] = len(engine.encode(requests[0]))

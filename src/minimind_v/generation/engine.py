@@ -144,6 +144,14 @@ class Engine:
     def device(self) -> torch.device:
         return self.model.device
 
+    def decoding_mode(self) -> str:
+        """How decode steps run: 'step by step', 'CUDA graphs', 'compiled CUDA graphs' or 'compiled static steps'."""
+        if self.decoders is None:
+            return "step by step"
+        if self.device.type == "cuda":
+            return "compiled CUDA graphs" if self.decoders.compile else "CUDA graphs"
+        return "compiled static steps"
+
     def encode(self, request: GenerationRequest) -> list[int]:
         """Prompt token ids, after checking images against `<image>` markers and the context length."""
         if (request.messages is None) == (request.text is None):

@@ -132,3 +132,22 @@ def report(steps: list[tuple], durations: list[float], losses: list[float], trai
     if device.type == "cuda":
         out["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
     return out
+
+
+def table_rows(report: dict) -> tuple[str, list[tuple[str, str]]]:
+    """(title, [(figure, value)]) of a report, for the table `bench train` prints."""
+    flags = [name for name in ("packing", "compile") if report[name]]
+    title = (f"bench train: {report['device']}, {report['dtype']}, batch {report['batch_size']}"
+             f"{', ' + ', '.join(flags) if flags else ''}, {report['trainable_params']:,} trainable parameters, "
+             f"{report['steps_timed']} steps timed")
+    mfu = f"{report['mfu']:.1%}" if report["mfu"] is not None else "n/a (no known peak)"
+    memory = f"{report['peak_gpu_memory_mib'] / 1024:.1f} GiB" if "peak_gpu_memory_mib" in report else "n/a (CPU)"
+    losses = report["losses"]
+    return title, [("samples/s", f"{report['samples_per_s']:,}"),
+                   ("real tokens/s", f"{report['real_tokens_per_s']:,}"),
+                   ("padded tokens/s", f"{report['padded_tokens_per_s']:,}"),
+                   ("model TFLOP/s, MFU", f"{report['model_tflops_per_s']}, {mfu}"),
+                   ("peak GPU memory", memory),
+                   ("step ms, median (max)", f"{report['step_ms_median']} ({report['step_ms_max']})"),
+                   ("loader wait ms per step", f"{report['data_wait_ms_mean']}"),
+                   ("loss, first -> last step", f"{losses[0]:.4f} -> {losses[-1]:.4f}")]
