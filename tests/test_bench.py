@@ -52,8 +52,8 @@ def test_bench_train_packing_keeps_the_loss_curve(workspace, tmp_path, capsys):
     curves = []
     for flags in ([], ["--packing"]):
         assert main(["bench", "train", "--json", "--work-dir", str(tmp_path), "--data", workspace["sft"],
-                     "--steps", "3", "--warmup", "1", "--batch-size", "4", "--max-seq-len", "128", "--device", "cpu", *SMALL_LLM,
-                     *flags]) == 0
+                     "--steps", "3", "--warmup", "1", "--batch-size", "4", "--max-seq-len", "128", "--device", "cpu",
+                     *SMALL_LLM, *flags]) == 0
         curves.append(json.loads(capsys.readouterr().out)["losses"])
     assert curves[1] == pytest.approx(curves[0], abs=2e-4) and len(set(curves[0])) > 1
 
@@ -83,6 +83,6 @@ def test_bench_train_with_a_feature_cache_skips_the_tower_later(workspace, tmp_p
     monkeypatch.setattr(VisionTower, "forward",
                         lambda self, pixels: calls.append(len(pixels)) or original(self, pixels))
     assert main(["bench", "train", "--json", "--work-dir", str(tmp_path), "--data", workspace["sft"],
-                 "--steps", "6", "--warmup", "6", "--batch-size", "8", "--max-seq-len", "128", "--device", "cpu", "--freeze", "2",
-                 "--feature-cache", str(tmp_path / "cache"), *SMALL_LLM]) == 0
+                 "--steps", "6", "--warmup", "6", "--batch-size", "8", "--max-seq-len", "128", "--device", "cpu",
+                 "--freeze", "2", "--feature-cache", str(tmp_path / "cache"), *SMALL_LLM]) == 0
     assert sum(calls) == 3 and len(json.loads(capsys.readouterr().out)["losses"]) == 12  # 12 steps: 2 epochs

@@ -97,7 +97,7 @@ def test_history_carries_earlier_turns_and_images(model_dir):
 def test_bench_reports_prefill_decode_and_memory(model_dir, tmp_path, capsys):
     trace = tmp_path / "trace.json"
     assert main(["bench", "decode", str(model_dir), "--device", "cpu", "--prompt-tokens", "40", "--new-tokens", "8",
-                 "--batch", "3", "--runs", "1", "--profile", str(trace), "--compare-generate"]) == 0
+                 "--batch", "3", "--runs", "1", "--profile", str(trace), "--compare-generate", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prompt_tokens"] >= 40 and report["images"] == 1
     for size in ("batch_1", "batch_3"):
@@ -106,6 +106,11 @@ def test_bench_reports_prefill_decode_and_memory(model_dir, tmp_path, capsys):
         assert report[size]["engine_end_to_end_tokens_per_s"] > 0
     assert "MiB" in report["peak_memory"]
     assert json.loads(trace.read_text())["traceEvents"]
+    from minimind_v.generation.bench import table_rows
+
+    rows = dict(table_rows(report)[1])  # what the table shows of the comparison
+    generate = report["batch_3"]["transformers_generate_end_to_end_tokens_per_s"]
+    assert rows["batch 3: transformers generate, end to end tokens/s"] == f"{generate:,}"
 
 
 def test_the_guides_benchmark_and_profile_functions(model_dir, tmp_path):

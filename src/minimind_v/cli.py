@@ -262,9 +262,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True, 
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config fields an original .pth cannot tell (as for convert)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the fixed-shape decode step: on a GPU before capturing it as a CUDA graph; "
-                             "on a CPU with the weights frozen in (about 2.5x the tokens/s at batch 1). Compiling takes "
-                             "~15 s on a CPU, once per batch size and length bucket")
+                        help="torch.compile the fixed-shape decode step: on a GPU before capturing it as a CUDA "
+                             "graph; on a CPU with the weights frozen in (about 2.5x the tokens/s at batch 1). "
+                             "Compiling takes ~15 s on a CPU, once per batch size and length bucket")
     if sampling:
         parser.add_argument("--max-new-tokens", type=int, default=256)
         parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
