@@ -86,3 +86,19 @@ def test_bench_train_with_a_feature_cache_skips_the_tower_later(workspace, tmp_p
                  "--steps", "6", "--warmup", "6", "--batch-size", "8", "--max-seq-len", "128", "--device", "cpu",
                  "--freeze", "2", "--feature-cache", str(tmp_path / "cache"), *SMALL_LLM]) == 0
     assert sum(calls) == 3 and len(json.loads(capsys.readouterr().out)["losses"]) == 12  # 12 steps: 2 epochs
+
+
+def test_the_train_table_shows_gpu_figures():
+    """MFU and peak memory as a GPU report has them (the CPU run above has neither)."""
+    from minimind_v.training.throughput import table_rows
+
+    report = {"device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "batch_size": 256, "packing": True,
+              "compile": True, "trainable_params": 100, "steps_timed": 40, "samples_per_s": 1714.3,
+              "real_tokens_per_s": 720010, "padded_tokens_per_s": 730000, "model_tflops_per_s": 314.5,
+              "mfu": 0.318, "peak_gpu_memory_mib": 31744, "step_ms_median": 149.0, "step_ms_max": 150.2,
+              "data_wait_ms_mean": 0.1, "losses": [8.9, 6.3]}
+    title, rows = table_rows(report)
+    rows = dict(rows)
+    assert title.startswith("bench train: NVIDIA H100 80GB HBM3, bfloat16, batch 256, packing, compile, 100 ")
+    assert rows["model TFLOP/s, MFU"] == "314.5, 31.8%" and rows["peak GPU memory"] == "31.0 GiB"
+    assert rows["real tokens/s"] == "720,010" and rows["loss, first -> last step"] == "8.9000 -> 6.3000"
