@@ -92,7 +92,8 @@ def bench(engine: Engine, prompt_tokens: int = 128, new_tokens: int = 64, batch:
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     report = {"device": str(engine.device), "dtype": str(next(engine.model.parameters()).dtype),
-              "decoding": engine.decoding_mode(), "prompt_tokens": None, "new_tokens": new_tokens, "images": images if engine.features else 0}
+              "decoding": engine.decoding_mode(), "prompt_tokens": None, "new_tokens": new_tokens,
+              "images": images if engine.features else 0}
     for size in sorted({1, batch}):
         requests = bench_requests(engine, prompt_tokens, new_tokens, size, images)
         report["prompt_tokens"] = len(engine.encode(requests[0]))

@@ -13,8 +13,9 @@ kernel, which is what bounds a small model's decoding on a GPU.
 Only dense MiniMind models use static steps (a mixture of experts routes with data-dependent shapes, and the Hugging
 Face backbones keep transformers' own decoding): on CUDA as graphs, on a CPU only when compiled (`Engine(compile=True)`:
 the step through torch.compile with the weights frozen in and each one-row matrix product as one fused pass over its
-weight, see `cpu_step_options`; eager static steps are no faster than the dynamic cache there). Elsewhere the engine decodes step by step. `StaticDecoder(use_graph=False)` runs the same static step
-without a graph, which the tests compare with the dynamic cache.
+weight, see `cpu_step_options`; eager static steps are no faster than the dynamic cache there). Elsewhere the engine
+decodes step by step. `StaticDecoder(use_graph=False)` runs the same static step without a graph, which the tests
+compare with the dynamic cache.
 """
 
 from __future__ import annotations
