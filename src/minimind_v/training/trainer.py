@@ -27,7 +27,7 @@ import torch
 
 from .checkpointing import RunLog, load_resume_state, save_checkpoint
 from .loss import chunked_summed_loss, summed_loss
-from ..data.datasets import ConversationDataset, SkipStats, TextDataset
+from ..data.datasets import IGNORE_INDEX, ConversationDataset, SkipStats, TextDataset
 from ..data.batching import collate, pack
 from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_device
 from .features import ImageFeatures, tower_id
@@ -284,7 +284,8 @@ class Trainer:
     def train_step(self, batches: list[dict]) -> dict:
         """One optimizer step. Nothing waits for the GPU (in one process): loss and grad_norm come back as tensors,
         so the next batch is prepared while this step runs."""
-        supervised = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))  # labels are on the CPU
+        # the labels are still on the CPU: counting them makes nothing wait for the GPU
+        supervised = float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
         total = supervised if self.world == 1 else float(all_reduce_sum(torch.tensor(supervised, device=self.device)))
         self.model.train()
         loss_sum, tokens = torch.zeros((), device=self.device), 0
