@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +20,8 @@ from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrain
 from minimind_v import MiniMindVConfig
 from minimind_v.training.trainer import TrainArgs
 
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repository
+GENERATOR = SHARED / "bench" / "make_vlm_parquet.py"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -6,6 +6,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import GENERATOR
 from minimind_v.cli import main
 from minimind_v.reference import find_generator, make_reference_data
 
@@ -58,12 +59,9 @@ def test_bench_train_packing_keeps_the_loss_curve(workspace, tmp_path, capsys):
     assert curves[1] == pytest.approx(curves[0], abs=2e-4) and len(set(curves[0])) > 1
 
 
-@pytest.mark.skipif(not any(os.path.isfile(p) for p in ("../shared/bench/make_vlm_parquet.py",
-                                                         "/work/shared/bench/make_vlm_parquet.py")),
-                    reason="the shared bench generator is not here")
+@pytest.mark.skipif(not os.path.isfile(GENERATOR), reason="the shared bench generator is not here")
 def test_reference_data_comes_from_the_shared_generator(tmp_path, monkeypatch):
-    if not os.path.isfile("../shared/bench/make_vlm_parquet.py"):
-        monkeypatch.setenv("MINIMIND_V_BENCH_GENERATOR", "/work/shared/bench/make_vlm_parquet.py")
+    monkeypatch.setenv("MINIMIND_V_BENCH_GENERATOR", str(GENERATOR))
     path = make_reference_data(tmp_path / "bench.parquet", rows=8)
     assert pq.read_table(path).num_rows == 8 and find_generator()
 

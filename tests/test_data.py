@@ -19,15 +19,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import CHATML, build_tokenizer, tiny_config
+from conftest import CHATML, GENERATOR, build_tokenizer, tiny_config
 from minimind_v.data.batching import collate
-from minimind_v.data.datasets import (IGNORE_INDEX, ConversationDataset, Sample, SkipStats, TextDataset, iter_records,
+from minimind_v.data.datasets import (IGNORE_INDEX, ConversationDataset, Sample, TextDataset, iter_records,
                                       tokenize_conversation)
+from minimind_v.data.skips import SkipStats
 
 CONFIG = tiny_config()  # 16 x '@' (id 34) per image
 RUN = 16
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
-BENCH = "/work/shared/bench/make_vlm_parquet.py"
+BENCH = str(GENERATOR)
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:

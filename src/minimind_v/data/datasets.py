@@ -11,60 +11,34 @@
 - `.jsonl` (or `.parquet`) with a `text` field: plain text for language-model pretraining (`TextDataset`).
 
 Bad records never crash training and never train wrong: each is skipped with a reason that `SkipStats` counts and
-logs (the first 5 of each reason), or converted cleanly and counted (non-RGB images -> RGB, over-long samples
-shortened). Labels follow the Hugging Face convention: aligned with input_ids, -100 where there is no loss (the
+logs (skips.py), or converted cleanly and counted (non-RGB images -> RGB, over-long samples shortened); images are
+decoded within size limits (images.py). Labels follow the Hugging Face convention: aligned with input_ids, -100 where there is no loss (the
 model shifts them).
 """
 
 from __future__ import annotations
 
 import abc
-import hashlib
-import io
 import json
-import logging
 import os
 import re
-import warnings
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 from jinja2 import TemplateError
 from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import MiniMindVConfig
-from ..models.vision_tower import to_rgb
+from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .processing import IMAGE_MARKER, expand_image_markers
-
-logger = logging.getLogger(__name__)
+from .skips import (BAD_JSON, BAD_RECORD, EMPTY_ASSISTANT, EMPTY_CONVERSATION, EMPTY_TEXT, MARKER_MISMATCH,
+                    NO_SUPERVISION, PLACEHOLDER_MISMATCH, TEMPLATE_ERROR, TOO_LONG, TRUNCATED, WRONG_KIND,
+                    SkipRecord, SkipStats)
 
 IGNORE_INDEX = -100
-# Images with more pixels are refused before decoding (4096 x 4096, about 16.8 MP: 48 MiB once decoded to RGB).
-# PIL's own limit (Image.MAX_IMAGE_PIXELS, left unchanged) still applies above this one.
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 SUPPORTED_EXTENSIONS = (".parquet", ".json", ".jsonl")
-LOGGED_PER_REASON = 5
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
-
-# skip reasons
-BAD_JSON = "bad json"
-BAD_RECORD = "bad record"
-WRONG_KIND = "wrong record kind"
-EMPTY_CONVERSATION = "empty conversation"
-EMPTY_ASSISTANT = "empty assistant turn"
-EMPTY_TEXT = "empty text"
-MARKER_MISMATCH = "image/marker count mismatch"
-PLACEHOLDER_MISMATCH = "placeholder count mismatch"
-TEMPLATE_ERROR = "chat template error"
-MISSING_IMAGE = "missing image file"
-CORRUPT_IMAGE = "corrupt image"
-DECOMPRESSION_BOMB = "decompression bomb"
-TOO_LONG = "too long"
-NO_SUPERVISION = "no supervised tokens"
-TRUNCATED = "truncated"  # a conversion, not a skip
 
 
 @dataclass
@@ -80,56 +54,6 @@ class Sample:
         if len(self.labels) != len(self.input_ids) or len(self.image_keys) != len(self.images):
             raise ValueError(f"a Sample needs one label per input id ({len(self.labels)} vs {len(self.input_ids)}) "
                              f"and one key per image ({len(self.image_keys)} vs {len(self.images)})")
-
-
-class SkipRecord(Exception):
-    """A record that must be skipped, with its reason (one of the constants above). The datasets catch and count
-    it; the public helpers below (load_image, tokenize_conversation, ...) raise it."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-class SkipStats:
-    """Counts of skipped records by reason (`counts`) and of clean conversions (`converted`, e.g. "RGBA->RGB",
-    "truncated"). DataLoader workers count in their own copies, so a trainer merges the `skipped` reasons of each
-    collated batch (`merge(batch["skipped"])`) into a SkipStats of its own: not the dataset's, which already counts
-    them itself when num_workers=0."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = Counter()
-        self.converted: dict[str, int] = Counter()
-        self.total = 0  # records read from data files
-
-    def add(self, reason: str, detail: str = "") -> None:
-        """Count one skipped record; log the first few of each reason."""
-        self.counts[reason] += 1
-        n = self.counts[reason]
-        if n <= LOGGED_PER_REASON:
-            tail = f" (further '{reason}' skips are counted, not logged)" if n == LOGGED_PER_REASON else ""
-            logger.warning("skipped a record (%s)%s%s", reason, f": {detail}" if detail else "", tail)
-
-    def convert(self, kind: str) -> None:
-        """Count one clean conversion, e.g. "RGBA->RGB"."""
-        self.converted[kind] += 1
-
-    def merge(self, other_counts: dict[str, int] | Iterable[str]) -> None:
-        """Add skip counts from another process: a {reason: count} dict or a list of reasons."""
-        counts = other_counts if isinstance(other_counts, dict) else Counter(other_counts)
-        for reason, n in counts.items():
-            self.counts[reason] += n
-
-    def summary(self, total: int | None = None) -> str:
-        """e.g. "skipped 3 of 100 records: 2 corrupt image, 1 too long; converted: 1 RGBA->RGB"."""
-        total = total if total is not None else self.total
-        skipped = sum(self.counts.values())
-        out = f"skipped {skipped}" + (f" of {total}" if total else "") + " records"
-        if skipped:
-            out += ": " + ", ".join(f"{n} {reason}" for reason, n in Counter(self.counts).most_common())
-        if self.converted:
-            out += "; converted: " + ", ".join(f"{n} {kind}" for kind, n in Counter(self.converted).most_common())
-        return out
 
 
 # ----------------------------------------------------------------------------------------------- reading records
@@ -253,53 +177,6 @@ def _check_conversation(record: dict) -> None:
     if markers != len(record["images"]):
         raise SkipRecord(MARKER_MISMATCH,
                          f"{markers} {IMAGE_MARKER} marker(s) but {len(record['images'])} image(s)")
-
-
-# ------------------------------------------------------------------------------------------------------- images
-
-
-def load_image(ref: bytes | str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               stats: SkipStats | None = None) -> tuple[Image.Image, str]:
-    """Encoded bytes or a path -> (RGB image, sha256 hex of the encoded bytes); raises SkipRecord for a missing,
-    corrupt, truncated or oversized image. A non-RGB image is converted and counted in `stats.converted`."""
-    if isinstance(ref, bytes):
-        data = ref
-    else:
-        try:
-            with open(ref, "rb") as f:
-                data = f.read()
-        except OSError as err:
-            raise SkipRecord(MISSING_IMAGE, f"{ref}: {err.strerror or err}") from None
-    image = _decode(data, max_pixels)
-    if image.mode != "RGB":
-        if stats is not None:
-            stats.convert(f"{image.mode}->RGB")
-        try:
-            image = to_rgb(image)
-        except ValueError as err:
-            raise SkipRecord(CORRUPT_IMAGE, str(err)) from None
-    return image, hashlib.sha256(data).hexdigest()
-
-
-def _decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Check the size in the header, verify the file, then decode it fully (a truncated file fails here)."""
-    with warnings.catch_warnings():  # PIL's own bomb warning becomes an error, only inside this block
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as probe:
-                width, height = probe.size
-                if width * height > max_pixels:
-                    raise SkipRecord(DECOMPRESSION_BOMB, f"{width}x{height} is over max_image_pixels={max_pixels}")
-                probe.verify()
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except (SkipRecord, MemoryError):
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise SkipRecord(DECOMPRESSION_BOMB, str(err)) from None
-        except Exception as err:  # PIL signals bad data with many types (OSError, SyntaxError, struct.error, ...)
-            raise SkipRecord(CORRUPT_IMAGE, f"{type(err).__name__}: {err}") from None
-    return image
 
 
 # --------------------------------------------------------------------------------------------------- tokenising

@@ -7,7 +7,8 @@ from typing import Callable, TextIO
 
 from PIL import Image
 
-from ..data.datasets import DEFAULT_MAX_IMAGE_PIXELS, SkipRecord, load_image
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from ..data.skips import SkipRecord
 from ..data.processing import IMAGE_MARKER
 from ..generation import Engine, GenerationRequest, GenerationResult, RequestError, SamplingParams
 

@@ -27,7 +27,8 @@ import torch
 
 from .checkpointing import RunLog, load_resume_state, save_checkpoint
 from .loss import chunked_summed_loss, summed_loss
-from ..data.datasets import IGNORE_INDEX, ConversationDataset, SkipStats, TextDataset
+from ..data.datasets import IGNORE_INDEX, ConversationDataset, TextDataset
+from ..data.skips import SkipStats
 from ..data.batching import collate, pack
 from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_device
 from .features import ImageFeatures, tower_id
