@@ -23,7 +23,8 @@ from conftest import CHATML, GENERATOR, build_tokenizer, tiny_config
 from minimind_v.data.batching import collate
 from minimind_v.data.datasets import (IGNORE_INDEX, ConversationDataset, Sample, TextDataset, iter_records,
                                       tokenize_conversation)
-from minimind_v.data.skips import SkipStats
+from minimind_v.data.images import ImageLimits, load_image
+from minimind_v.data.skips import SkipRecord, SkipStats
 
 CONFIG = tiny_config()  # 16 x '@' (id 34) per image
 RUN = 16
@@ -281,15 +282,44 @@ def test_decompression_bombs_are_refused_without_raising(tmp_path, tokenizer):
             header_only_png(20000, 20000),  # over twice PIL's own limit: DecompressionBombError
             header_only_png(10000, 10000)]  # over PIL's own limit: DecompressionBombWarning
     path = write_parquet(tmp_path / "d.parquet", [json.dumps(conv("<image>", "Ok."))] * 3, rows)
-    low = dataset(path, tokenizer, max_image_pixels=1000)
+    low = dataset(path, tokenizer, image_limits=ImageLimits(max_pixels=1000))
     assert low[0] == (None, "decompression bomb")
-    high = dataset(path, tokenizer, max_image_pixels=10 ** 12)  # only PIL's own limit applies
+    high = dataset(path, tokenizer, image_limits=ImageLimits(max_pixels=10 ** 12, max_side=10 ** 6))  # PIL's own
     assert isinstance(high[0], Sample)
     assert high[1] == (None, "decompression bomb") and high[2] == (None, "decompression bomb")
     default = dataset(write_parquet(tmp_path / "e.parquet", [json.dumps(conv("<image>", "Ok."))],
                                     [header_only_png(5000, 5000)]), tokenizer)
     assert default[0] == (None, "decompression bomb")  # 25 MP is over the default 4096 x 4096
     assert Image.MAX_IMAGE_PIXELS == limit
+
+
+@pytest.mark.parametrize("size", [(4096, 1), (1, 16384), (1, 65536), (30000, 2), (9000, 900)])
+def test_extreme_shapes_are_refused_before_decoding(tmp_path, tokenizer, size):
+    """A few bytes of PNG whose shape would make the image processor allocate gigabytes (it scales the shorter
+    side up to the tower's size): refused from the header alone - a header-only file proves nothing is decoded."""
+    for data in (png(size=size), header_only_png(*size)):
+        with pytest.raises(SkipRecord) as caught:
+            load_image(data)
+        assert caught.value.reason == "image side or aspect ratio over the limits", caught.value
+    path = write_parquet(tmp_path / "d.parquet", [json.dumps(conv("<image>", "Ok."))], [png(size=size)])
+    stats = SkipStats()
+    assert dataset(path, tokenizer, stats=stats)[0] == (None, "image side or aspect ratio over the limits")
+    assert stats.counts == {"image side or aspect ratio over the limits": 1}
+
+
+def test_large_images_are_held_at_the_working_size(tmp_path):
+    """Decoded images over the working size are downscaled (aspect kept) before any processor sees them; a large
+    JPEG is decoded at a reduced scale to start with. Small images are untouched."""
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 3000, 3), dtype=np.uint8))
+    for fmt in ("PNG", "JPEG"):
+        image, key = load_image(encode(big, fmt))
+        assert image.size == (1024, 512) and image.mode == "RGB"
+        assert key == hashlib.sha256(encode(big, fmt)).hexdigest()  # the key is of the bytes as given
+    assert load_image(encode(big, "PNG"), ImageLimits(work_side=0))[0].size == (3000, 1500)
+    small = Image.new("RGB", (300, 200), (10, 20, 30))
+    assert load_image(encode(small, "PNG"))[0].tobytes() == small.tobytes()
+    with pytest.raises(ValueError, match="positive"):
+        ImageLimits(max_aspect=0.5)
 
 
 # -------------------------------------------------------------------------------------------------- truncation

@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import MiniMindVConfig
-from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from .images import DEFAULT_LIMITS, ImageLimits, load_image
 from .processing import IMAGE_MARKER, expand_image_markers
 from .skips import (BAD_JSON, BAD_RECORD, EMPTY_ASSISTANT, EMPTY_CONVERSATION, EMPTY_TEXT, MARKER_MISMATCH,
                     NO_SUPERVISION, PLACEHOLDER_MISMATCH, TEMPLATE_ERROR, TOO_LONG, TRUNCATED, WRONG_KIND,
@@ -321,12 +321,12 @@ class ConversationDataset(_RecordDataset):
 
     def __init__(self, path: str | os.PathLike, tokenizer, config: MiniMindVConfig, max_seq_len: int,
                  image_root: str | None = None, stats: SkipStats | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 image_limits: ImageLimits = DEFAULT_LIMITS):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("ConversationDataset needs a fast tokenizer (it maps characters to tokens by offsets)")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat_template; conversations cannot be rendered")
-        self.config, self.max_image_pixels = config, max_image_pixels
+        self.config, self.image_limits = config, image_limits
         self.transform = None  # e.g. image -> pixel values [3, H, W], so that loader workers preprocess too
         super().__init__(path, tokenizer, max_seq_len, image_root, stats)
 
@@ -342,7 +342,7 @@ class ConversationDataset(_RecordDataset):
             labels[s:s + config.image_token_len] = [IGNORE_INDEX] * config.image_token_len
         full_len = len(input_ids)
         input_ids, labels, kept = truncate(input_ids, labels, starts, config.image_token_len, self.max_seq_len)
-        loaded = [load_image(ref, self.max_image_pixels, self.stats) for ref in record["images"][:kept]]
+        loaded = [load_image(ref, self.image_limits, self.stats) for ref in record["images"][:kept]]
         if len(input_ids) < full_len:
             self.stats.convert(TRUNCATED)
         images = [image if self.transform is None else self.transform(image) for image, _ in loaded]

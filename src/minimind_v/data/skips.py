@@ -28,6 +28,7 @@ TEMPLATE_ERROR = "chat template error"
 MISSING_IMAGE = "missing image file"
 CORRUPT_IMAGE = "corrupt image"
 DECOMPRESSION_BOMB = "decompression bomb"
+IMAGE_SHAPE = "image side or aspect ratio over the limits"
 TOO_LONG = "too long"
 NO_SUPERVISION = "no supervised tokens"
 TRUNCATED = "truncated"  # a conversion, not a skip

@@ -7,7 +7,7 @@ from typing import Callable, TextIO
 
 from PIL import Image
 
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from ..data.images import DEFAULT_LIMITS, ImageLimits, load_image
 from ..data.skips import SkipRecord
 from ..data.processing import IMAGE_MARKER
 from ..generation import Engine, GenerationRequest, GenerationResult, RequestError, SamplingParams
@@ -18,10 +18,10 @@ HELP = ("commands: /image PATH  attach an image to your next message (repeatable
         "          /quit        leave (or Ctrl-D)")
 
 
-def open_image(ref: str | bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def open_image(ref: str | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
     """A path or encoded bytes -> RGB image; a clear RequestError for a missing, corrupt or oversized one."""
     try:
-        return load_image(ref, max_pixels)[0]
+        return load_image(ref, limits)[0]
     except SkipRecord as err:
         where = f" {ref}" if isinstance(ref, str) else ""
         raise RequestError(f"image{where}: {err}") from None
