@@ -112,7 +112,7 @@ print("REMOTE OK")
 """
 
 ALLOWED_IMPORTS = {"torch", "transformers", "PIL", "numpy", "__future__", "dataclasses", "difflib", "typing", "json",
-                   "logging", "math", "os", "functools", "safetensors"}  # safetensors comes with transformers
+                   "logging", "math", "os", "functools", "collections", "safetensors"}  # safetensors comes with transformers
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)

@@ -116,6 +116,7 @@ class MiniMindVConfig(PretrainedConfig):
     def _derive(self) -> None:
         """Fill every derived field and check consistency. The only place derived values are computed."""
         self._check_types()
+        self._check_sizes(_SIZE_FIELDS)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -150,6 +151,13 @@ class MiniMindVConfig(PretrainedConfig):
                              f"({self.image_token_len}); use projector_type='cross_attn' to resample")
         if self.lora_rank < 0 or (self.lora_rank and not self.lora_targets):
             raise ValueError(f"lora_rank must be >= 0 (got {self.lora_rank}) and LoRA needs lora_targets")
+
+    def _check_sizes(self, names: tuple[str, ...]) -> None:
+        """Sizes and counts are at least 1 (None where a field may be derived); anything else is an error."""
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"config field {name!r} must be at least 1, got {value}")
 
     @property
     def tower_tokens(self) -> int | None:
@@ -201,6 +209,10 @@ _MINIMIND_3V = dict(vocab_size=6400, hidden_size=768, num_attention_heads=8, num
                     num_experts_per_token=1, n_shared_experts=0, moe_renorm_top1=True, aux_loss_alpha=5e-4)
 
 _OWN_FIELDS = set(MiniMindVConfig.__annotations__)
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+                "intermediate_size", "head_dim", "max_position_embeddings", "num_experts_per_token",
+                "n_routed_experts", "ve_hidden_size", "image_token_len", "vision_tokens", "projector_layers",
+                "projector_heads")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the seeds' presets (seed 001, `get_model_configs`)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..config import PRESETS, MiniMindVConfig
+from ..models.safe_loading import check_finite
 from ..models.vision_tower import load_vision_tower
 from ..models.vlm import TOWER_PREFIX, MiniMindVLM, key_mismatch_error
 
@@ -139,6 +140,7 @@ def load_state_strict(model: MiniMindVLM, state: dict[str, torch.Tensor], source
              if state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         raise key_mismatch_error(source, {"missing": missing, "unexpected": unexpected, "shape-mismatched": wrong})
+    check_finite(state.items(), source)
     tower = {k: v for k, v in model.state_dict().items() if k.startswith(TOWER_PREFIX)}
     model.load_state_dict({**{k: v.to(own[k].dtype) for k, v in state.items()}, **tower}, strict=True)
 

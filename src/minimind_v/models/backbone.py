@@ -18,7 +18,7 @@ import functools
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin
 from transformers.cache_utils import Cache
@@ -28,6 +28,7 @@ from ..config import MiniMindVConfig
 from .language_model import MiniMindOutput, MiniMindPreTrainedModel, causal_lm_loss
 from .lora import add_lora, is_lora_key
 from .projector import build_projector
+from .safe_loading import check_shapes, meta_shapes, read_config, read_weights, weight_shapes
 from .vision_tower import load_image_processor
 from .vlm import _FROM_CONFIG, TOWER_PREFIX, VisionLanguageMixin
 
@@ -188,9 +189,12 @@ class HFBackboneVLM(VisionLanguageMixin, MiniMindPreTrainedModel, GenerationMixi
             raise TypeError(f"HFBackboneVLM.from_pretrained takes a folder and vision_model_path only, not "
                             f"{list(kwargs) or args}; move the model with .to(device, dtype) afterwards")
         folder = os.fspath(pretrained_model_name_or_path)
-        config = MiniMindVConfig.from_pretrained(folder)
+        config = read_config(folder)
+        weights = os.path.join(folder, "model.safetensors")
+        projector = meta_shapes(lambda: build_projector(config), folder)  # before the base model is loaded
+        check_shapes({"vision_proj." + k: v for k, v in projector.items()}, weight_shapes([weights]), folder)
         model = cls(config, vision_model_path=None, base_dir=folder)
-        model.load_checkpoint_state(load_file(os.path.join(folder, "model.safetensors")), folder)
+        model.load_checkpoint_state(read_weights(weights), folder)
         if config.vision_config is not None:
             model.vision_tower.processor = load_image_processor(folder)
         else:

@@ -30,6 +30,7 @@ from ..config import MiniMindVConfig
 from .language_model import MiniMindForCausalLM, MiniMindOutput
 from .lora import add_lora, merge_lora
 from .projector import build_projector
+from .safe_loading import check_finite, check_shapes, meta_shapes, read_config, weight_files, weight_shapes
 from .vision_tower import (EFFICIENTNET, VisionTower, image2tensor, load_image_processor, load_vision_tower,
                            vision_tower_from_config)
 
@@ -221,6 +222,7 @@ class VisionLanguageMixin:
                   "shape-mismatched": wrong}
         if any(groups.values()):
             raise key_mismatch_error(source, groups)
+        check_finite(weights.items(), source)
         with torch.no_grad():
             for key, value in weights.items():
                 own[key].copy_(value)
@@ -275,8 +277,15 @@ class MiniMindVLM(VisionLanguageMixin, MiniMindForCausalLM):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args,
                         vision_model_path: str | None = _FROM_CONFIG, **kwargs) -> "MiniMindVLM":
-        """Strict load: any missing, unexpected or mismatched weight is an error naming the keys."""
+        """Strict load: any missing, unexpected or mismatched weight is an error naming the keys. A local folder's
+        config and weight headers are checked against each other before anything is allocated, and the loaded
+        weights must be finite."""
         want_info = kwargs.pop("output_loading_info", False)
+        folder = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(folder):
+            config = read_config(folder)
+            check_shapes(meta_shapes(lambda: cls(config, vision_model_path=None), folder),
+                         weight_shapes(weight_files(folder)), folder)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, vision_model_path=None,
                                               output_loading_info=True, **kwargs)
         check_loading_info(info, pretrained_model_name_or_path)
@@ -285,6 +294,7 @@ class MiniMindVLM(VisionLanguageMixin, MiniMindForCausalLM):
         else:
             model._attach_tower_folder(model.config.vision_tower_path if vision_model_path == _FROM_CONFIG
                                        else vision_model_path, pretrained_model_name_or_path)
+        check_finite(model.named_parameters(), folder)
         return (model, info) if want_info else model
 
 
@@ -298,11 +308,9 @@ def build_vlm(config: MiniMindVConfig, vision_model_path: str | None = _FROM_CON
 
 def load_vlm(folder: str | os.PathLike, vision_model_path: str | None = _FROM_CONFIG):
     """A VLM folder written by `save_pretrained`, whichever language model it has."""
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{folder} holds no model (no config.json)")
     from .backbone import HFBackboneVLM
 
-    cls = HFBackboneVLM if MiniMindVConfig.from_pretrained(folder).llm_path else MiniMindVLM
+    cls = HFBackboneVLM if read_config(folder).llm_path else MiniMindVLM
     return cls.from_pretrained(folder, vision_model_path=vision_model_path)
 
 
