@@ -361,6 +361,54 @@ def test_truncation_after_the_runs_is_plain(tmp_path, tokenizer):
     assert dataset(path, tokenizer, max_seq_len=start + RUN + 3)[0] == (None, "too long")
 
 
+def test_an_image_that_starts_past_the_limit_is_dropped_and_the_sample_cut_at_the_limit(tmp_path, tokenizer):
+    """Two images with a long text between them: the second run starts after max_seq_len. The sample keeps the
+    first image and is cut at max_seq_len exactly (it used to be cut at the second run's start, past the limit)."""
+    long_text = "many words in between " * 20
+    path = write_parquet(tmp_path / "d.parquet", [json.dumps(conv("<image>\nFirst?", "One.",
+                                                                  long_text + "<image>\nSecond?", "Two."))],
+                         [[png(), png(BLUE)]])
+    start, full = run_start(tokenizer, path)
+    second = dataset(path, tokenizer, max_seq_len=10_000)[0].input_ids.index(34, start + RUN)
+    for max_len in ((second + start) // 2 + RUN, second - 1, second, second + 3):
+        sample = dataset(path, tokenizer, max_seq_len=max_len)[0]
+        assert len(sample.input_ids) == len(sample.labels) <= max_len
+        assert sample.input_ids.count(34) == RUN * len(sample.images) and len(sample.images) == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_no_kept_sample_exceeds_max_seq_len(tmp_path, tokenizer, seed):
+    """Random conversations (0-3 images anywhere, text of any length) and random limits: every kept sample fits,
+    holds only whole placeholder runs and one image per run."""
+    rng = np.random.default_rng(seed)
+    rows, images = [], []
+    for _ in range(40):
+        n = int(rng.integers(0, 4))
+        turns = ["word " * int(rng.integers(0, 40)) for _ in range(4)]
+        for _ in range(n):
+            turns[int(rng.integers(0, 2)) * 2] += "<image>" + "x " * int(rng.integers(0, 30))
+        rows.append(json.dumps(conv(*turns)))
+        images.append([png()] * n)
+    path = write_parquet(tmp_path / "d.parquet", rows, images)
+    for max_len in rng.integers(8, 200, size=6):
+        ds = dataset(path, tokenizer, max_seq_len=int(max_len))
+        for sample in (ds[i] for i in range(len(ds))):
+            if isinstance(sample, Sample):
+                assert len(sample.input_ids) <= max_len
+                assert sample.input_ids.count(34) == RUN * len(sample.images)
+
+
+def test_a_conversation_the_assistant_opens_is_skipped_and_counted(tmp_path, tokenizer):
+    rows = [json.dumps([{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "<image>Hi"},
+                        {"role": "assistant", "content": "Red."}]),
+            json.dumps([{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Red."}]),
+            json.dumps(conv("<image>Hi", "Red.", system="Be brief."))]
+    stats = SkipStats()
+    ds = dataset(write_parquet(tmp_path / "d.parquet", rows, [png(), b"", png()]), tokenizer, stats=stats)
+    assert len(ds) == 1 and isinstance(ds[0], Sample)
+    assert stats.counts == {"assistant speaks first": 2}
+
+
 # ----------------------------------------------------------------------------------------------------- collate
 
 
@@ -395,7 +443,7 @@ def test_a_dataloader_batches_a_dataset(tmp_path, tokenizer):
 
 def test_skip_stats_summary_merge_and_rate_limited_logging(caplog):
     stats = SkipStats()
-    with caplog.at_level(logging.WARNING, logger="minimind_v.data.datasets"):
+    with caplog.at_level(logging.WARNING, logger="minimind_v.data.skips"):
         for _ in range(7):
             stats.add("corrupt image", "bad bytes")
     assert len(caplog.records) == 5 and "further 'corrupt image' skips" in caplog.records[-1].getMessage()

@@ -54,7 +54,7 @@ def test_tiny_sft_run_lowers_the_loss_and_writes_everything(workspace, tmp_path)
     assert len(losses) == summary["steps"] == 10 * (48 // 8)
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
     assert "1 corrupt image" in summary["skipped"]
-    assert {"model", "resume.pt", "loss.png", "metrics.jsonl"} <= set(os.listdir(out))
+    assert {"model", "checkpoints", "run.json", "loss.png", "metrics.jsonl"} <= set(os.listdir(out))
     assert not any(k.startswith("vision_tower.") for k in weights(out))
     assert os.listdir(tmp_path / "cache")  # features were cached on disk
     model = MiniMindVLM.from_pretrained(out / "model")

@@ -95,11 +95,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models.vlm import load_vlm
     from .data.tokenizer import load_tokenizer
 
-    items = load_qa_jsonl(args.data, args.image_root)[:args.limit]
+    from .data.skips import SkipStats
+
+    stats = SkipStats()
+    items = load_qa_jsonl(args.data, args.image_root, stats)[:args.limit]
     model = load_vlm(args.model).eval()
     report = evaluate(model, load_tokenizer(args.tokenizer or args.model), items, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, stats=stats)
     print(json.dumps(report, indent=2, ensure_ascii=False))
+    print(report["skipped"], file=sys.stderr)
     return 0
 
 
@@ -407,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"minimind-v {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C; training says where it stopped and how to go on
+        print(f"\nminimind-v {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

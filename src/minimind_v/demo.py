@@ -123,7 +123,7 @@ def train_stage(stage: str, data: str, out: str, size: DemoSize, epochs: int, **
     from .training.trainer import TrainArgs, Trainer
 
     args = TrainArgs(stage=stage, data=data, out_dir=out, epochs=epochs, batch_size=size.batch_size, lr=size.lr,
-                     max_seq_len=128, log_every=20, feature_cache=kwargs.pop("feature_cache"), **kwargs)
+                     max_seq_len=128, log_every=20, feature_cache=kwargs.pop("feature_cache"), overwrite=True, **kwargs)
     return Trainer(args).run()
 
 

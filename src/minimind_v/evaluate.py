@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .training.features import ImageFeatures, file_key, pixel_key
-from .models.vision_tower import to_rgb
+from .data.images import DEFAULT_LIMITS, ImageLimits, load_image
 from .data.processing import IMAGE_MARKER
+from .data.skips import BAD_JSON, BAD_RECORD, SkipRecord, SkipStats
+
+UNUSABLE_PROMPT = "question the model cannot take"
+from .training.features import ImageFeatures, pixel_key
 
 _PUNCTUATION = set(string.punctuation) | set("。，！？；：“”‘’（）、")
 
@@ -38,31 +41,58 @@ class QAItem:
     qtype: str | None = None
 
 
-def load_qa_jsonl(path: str, image_root: str | None = None) -> list[QAItem]:
+def load_qa_jsonl(path: str, image_root: str | None = None, stats: SkipStats | None = None,
+                  limits: ImageLimits = DEFAULT_LIMITS) -> list[QAItem]:
+    """The items of a question/answer JSONL. A bad line is skipped and counted in `stats` with its file and line
+    (not JSON, not an object, a question that is not text, no answer, an image field that is not a path or a list of
+    paths, an image that is missing, corrupt or over the limits); a file with no usable item is an error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"evaluation data {path!r} does not exist")
+    stats = stats if stats is not None else SkipStats()
     items = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            stats.total += 1
             try:
-                record = json.loads(line)
-                question, answer = record["question"], str(record["answer"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: expected a JSON object with question and answer ({err})") from err
-            paths = record.get("image") or []
-            paths = [paths] if isinstance(paths, str) else paths
-            if paths and IMAGE_MARKER not in question:
-                question = IMAGE_MARKER * len(paths) + "\n" + question
-            full = [os.path.join(image_root, p) if image_root else p for p in paths]
-            keys = [file_key(p) for p in full]
-            items.append(QAItem(question, answer, [to_rgb(Image.open(p)) for p in full], keys, record.get("type")))
+                items.append(_qa_item(line, image_root, limits))
+            except SkipRecord as skip:
+                stats.add(skip.reason, f"{path}:{number}: {skip.detail}")
+    if not items:
+        raise ValueError(f"{path} holds no usable question/answer item ({stats.summary()})")
     return items
 
 
+def _qa_item(line: bytes, image_root: str | None, limits: ImageLimits) -> QAItem:
+    try:
+        record = json.loads(line)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise SkipRecord(BAD_JSON, str(err)) from None
+    if not isinstance(record, dict):
+        raise SkipRecord(BAD_RECORD, f"expected a JSON object, got {type(record).__name__}")
+    question, answer, paths = record.get("question"), record.get("answer"), record.get("image") or []
+    if not isinstance(question, str) or not question.strip():
+        raise SkipRecord(BAD_RECORD, f"'question' must be non-empty text, got {question!r:.60}")
+    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+        raise SkipRecord(BAD_RECORD, f"'answer' must be text or a number, got {answer!r:.60}")
+    paths = [paths] if isinstance(paths, str) else paths
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise SkipRecord(BAD_RECORD, f"'image' must be a path or a list of paths, got {paths!r:.60}")
+    if paths and IMAGE_MARKER not in question:
+        question = IMAGE_MARKER * len(paths) + "\n" + question
+    loaded = [load_image(os.path.join(image_root, p) if image_root else p, limits) for p in paths]
+    qtype = record.get("type")
+    return QAItem(question, str(answer), [image for image, _ in loaded], [key for _, key in loaded],
+                  qtype if isinstance(qtype, str) else None)
+
+
 def generate_answers(model, tokenizer, items: list[QAItem], features: ImageFeatures | None = None,
-                     batch_size: int = 64, max_new_tokens: int = 16) -> list[str]:
+                     batch_size: int = 64, max_new_tokens: int = 16,
+                     stats: SkipStats | None = None) -> list[str | None]:
     """Greedy answers, `batch_size` questions at a time, through the generation engine (left padding, KV cache);
-    image features come from `features` (a feature cache) when given."""
+    image features come from `features` (a feature cache) when given. A question the model cannot take (over its
+    context, images that do not match its `<image>` markers) gets None and is counted in `stats`."""
     from .generation import Engine, GenerationRequest, SamplingParams
 
     engine, params, answers = Engine(model, tokenizer, features), SamplingParams(max_new_tokens=max_new_tokens), []
@@ -70,35 +100,55 @@ def generate_answers(model, tokenizer, items: list[QAItem], features: ImageFeatu
         requests = [GenerationRequest(messages=[{"role": "user", "content": item.question}], images=item.images,
                                       params=params, image_keys=item.image_keys or [pixel_key(i) for i in item.images])
                     for item in items[start:start + batch_size]]
-        answers += [result.text.strip() for result in engine.generate(requests)]
+        usable = [_takes(engine, request, f"item {number}", stats) for number, request in enumerate(requests, start + 1)]
+        results = iter(engine.generate([r for r, ok in zip(requests, usable) if ok]) if any(usable) else ())
+        answers += [next(results).text.strip() if ok else None for ok in usable]
     return answers
 
 
-def score(items: list[QAItem], predictions: list[str]) -> dict:
-    """Exact-match accuracy overall and per question type."""
+def _takes(engine, request, where: str, stats: SkipStats | None) -> bool:
+    """Whether the engine accepts the request; a refusal is counted (with its reason) in `stats`."""
+    from .generation import RequestError
+
+    try:
+        engine.encode(request)
+        return True
+    except RequestError as err:
+        (stats if stats is not None else SkipStats()).add(UNUSABLE_PROMPT, f"{where}: {err}")
+        return False
+
+
+def score(items: list[QAItem], predictions: list[str | None]) -> dict:
+    """Exact-match accuracy overall and per question type, over the items that got an answer (None: skipped)."""
     per_type: dict[str, list[int]] = {}
     correct = 0
-    for item, prediction in zip(items, predictions, strict=True):
+    answered = [(item, p) for item, p in zip(items, predictions, strict=True) if p is not None]
+    for item, prediction in answered:
         hit = normalize_answer(prediction) == normalize_answer(item.answer)
         correct += hit
         if item.qtype is not None:
             per_type.setdefault(item.qtype, [0, 0])
             per_type[item.qtype][0] += hit
             per_type[item.qtype][1] += 1
-    report = {"accuracy": correct / max(1, len(items)), "correct": correct, "total": len(items)}
+    report = {"accuracy": correct / max(1, len(answered)), "correct": correct, "total": len(answered)}
     if per_type:
         report["per_type"] = {t: {"accuracy": c / n, "total": n} for t, (c, n) in sorted(per_type.items())}
     return report
 
 
 def evaluate(model, tokenizer, items: list[QAItem], features: ImageFeatures | None = None, batch_size: int = 64,
-             max_new_tokens: int = 16) -> dict:
+             max_new_tokens: int = 16, stats: SkipStats | None = None) -> dict:
+    """Score the items; `stats` (the loading's skips, if any) gains the questions the model could not take and
+    its summary goes into the report."""
     was_training = model.training
     model.eval()
+    stats = stats if stats is not None else SkipStats()
     try:
-        predictions = generate_answers(model, tokenizer, items, features, batch_size, max_new_tokens)
+        predictions = generate_answers(model, tokenizer, items, features, batch_size, max_new_tokens, stats)
     finally:
         model.train(was_training)
-    return {**score(items, predictions), "examples": [
+    if all(p is None for p in predictions):
+        raise ValueError(f"no question could be asked: {stats.summary()}")
+    return {**score(items, predictions), "skipped": stats.summary(), "examples": [
         {"question": re.sub(r"(<image>)+", "<image>", i.question), "answer": i.answer, "prediction": p}
-        for i, p in list(zip(items, predictions))[:5]]}
+        for i, p in list(zip(items, predictions))[:5] if p is not None]}

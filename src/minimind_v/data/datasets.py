@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from ..config import MiniMindVConfig
 from .images import DEFAULT_LIMITS, ImageLimits, load_image
 from .processing import IMAGE_MARKER, expand_image_markers
-from .skips import (BAD_JSON, BAD_RECORD, EMPTY_ASSISTANT, EMPTY_CONVERSATION, EMPTY_TEXT, MARKER_MISMATCH,
+from .skips import (ASSISTANT_FIRST, BAD_JSON, BAD_RECORD, EMPTY_ASSISTANT, EMPTY_CONVERSATION, EMPTY_TEXT, MARKER_MISMATCH,
                     NO_SUPERVISION, PLACEHOLDER_MISMATCH, TEMPLATE_ERROR, TOO_LONG, TRUNCATED, WRONG_KIND,
                     SkipRecord, SkipStats)
 
@@ -171,6 +171,9 @@ def _check_conversation(record: dict) -> None:
         raise SkipRecord(WRONG_KIND, "a plain-text record in a conversation dataset (use TextDataset)")
     if not any(t["role"] == "assistant" for t in turns):
         raise SkipRecord(EMPTY_CONVERSATION, f"{len(turns)} turn(s), none from the assistant")
+    first = next(t["role"] for t in turns if t["role"] != "system")
+    if first == "assistant":  # an answer to no question: nothing to condition it on
+        raise SkipRecord(ASSISTANT_FIRST, "the first turn after any system message is the assistant's")
     if any(t["role"] == "assistant" and not t["content"].strip() for t in turns):
         raise SkipRecord(EMPTY_ASSISTANT, "an assistant turn has no text")
     markers = sum(t["content"].count(IMAGE_MARKER) for t in turns)
@@ -259,7 +262,7 @@ def truncate(input_ids: list[int], labels: list[int], run_starts: list[int], run
     kept, cut = len(run_starts), len(input_ids)
     if cut > max_len:
         kept = next((k for k, s in enumerate(run_starts) if s + run_len > max_len), len(run_starts))
-        cut = run_starts[kept] if kept < len(run_starts) else max_len
+        cut = min(run_starts[kept], max_len) if kept < len(run_starts) else max_len
     labels = labels[:cut]
     if all(label == IGNORE_INDEX for label in labels):
         reason = TOO_LONG if cut < len(input_ids) else NO_SUPERVISION

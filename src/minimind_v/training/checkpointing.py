@@ -1,63 +1,205 @@
-"""Checkpoints, resume state and the run log of a training run.
+"""The run folder: settings, checkpoints (each a directory made complete, then published by one rename), the model.
 
-    <out>/model/          save_pretrained: safetensors without the vision tower, config, tokenizer
-    <out>/resume.pt       optimizer, scheduler, scaler, RNG states, data position (step, epoch, step in epoch)
-    <out>/metrics.jsonl   one JSON object per logged step (loss, lr, grad norm, tokens/s, evaluation results)
-    <out>/loss.png        the loss curve, drawn at the end
+    <out>/run.json                     the run's resolved settings (a --resume with other settings is refused)
+    <out>/checkpoints/step-000060/     one checkpoint:
+        model/                         save_pretrained: safetensors without the vision tower, config, tokenizer
+        resume.pt                      optimizer, scheduler, scaler, RNG states, data position
+        manifest.json                  size and sha256 of every file above, written last
+    <out>/model/                       the final model: hard links to the last checkpoint's model/ files
 
-Both the model folder and resume.pt are written to a temporary name and renamed, so a crash never leaves a torn
-checkpoint. The data position counts optimizer steps of the global batch, which does not depend on the number of
-processes: a run can resume with another `--nproc_per_node`.
+A checkpoint is written under a temporary name, flushed to disk, then renamed into place, so a kill at any instant
+leaves every published checkpoint whole: never the model of one step beside the optimizer of another. --resume
+takes the newest checkpoint, checks its manifest (a damaged file is an error naming it) and reaches the weights of
+an uninterrupted run bit for bit. Checkpoints beyond --keep-checkpoints are renamed away before they are deleted,
+so a half-deleted one never carries a checkpoint's name. The data position counts optimizer steps of the global
+batch, which does not depend on the number of processes: a run can resume with another `--nproc_per_node`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
-import time
 
 import torch
-from safetensors.torch import load_file
-from tqdm import tqdm
+
+from ..models.safe_loading import read_weights
+
+CHECKPOINTS, FINAL_MODEL, RESUME_FILE, MANIFEST = "checkpoints", "model", "resume.pt", "manifest.json"
+SETTINGS = "run.json"
+RUN_FILES = (SETTINGS, CHECKPOINTS, FINAL_MODEL, "metrics.jsonl", "loss.png", RESUME_FILE)  # what a run leaves
+# settings a resumed run may change: how it runs, not what it computes (the global batch is checked instead of
+# batch_size x grad_accum, which may be split differently over another number of processes)
+MAY_CHANGE = {"resume", "overwrite", "out_dir", "num_workers", "log_every", "save_every", "keep_checkpoints",
+              "loggers", "eval_every", "device", "feature_cache", "batch_size", "grad_accum"}
+NO_CHECKPOINT = ("--resume: {out} has no checkpoint to continue from (a run saves one every --save-every steps and "
+                 "at its end); start the run again without --resume")
+_STEP = re.compile(r"step-(\d+)")
+_STATE_KEYS = {"step", "epoch", "position", "optimizer", "scheduler", "scaler", "rng", "final"}
 
 
+def open_run_folder(out: str, resume: bool, overwrite: bool) -> None:
+    """A new run needs a folder with no run in it (--overwrite removes that run first), a resumed one a checkpoint;
+    both clear what a kill left half-written."""
+    if resume and not list_checkpoints(out):
+        raise ValueError(NO_CHECKPOINT.format(out=out))
+    present = [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
+    if present and not resume:
+        if not overwrite:
+            raise ValueError(f"{out} already holds a training run ({', '.join(present)}): continue it with --resume, "
+                             "or replace it with --overwrite")
+        for name in present:
+            discard(os.path.join(out, name))
+    remove_leftovers(out)
 
-def save_checkpoint(trainer, final: bool) -> None:
-    """Model folder + resume state, atomically, from the main process (the others wait)."""
+
+def check_settings(out: str, settings: dict, resume: bool, main: bool) -> None:
+    """A new run records its resolved settings in run.json; a resumed run must have the same (but MAY_CHANGE)."""
+    path, settings = os.path.join(out, SETTINGS), json.loads(json.dumps(settings))
+    if not resume:
+        if main:
+            os.makedirs(out, exist_ok=True)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(settings, f, indent=1)
+            os.replace(path + ".tmp", path)
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--resume: {path} is missing or damaged ({err}); without the run's settings it cannot "
+                         "be resumed exactly") from None
+    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in settings.items()
+               if key not in MAY_CHANGE and saved.get(key) != value]
+    if changed:
+        raise ValueError(f"--resume with settings other than the run's ({path}): {'; '.join(changed)}. Resume with "
+                         "the same settings, or start a new run (--overwrite replaces this one)")
+
+
+def checkpoint_path(out: str, step: int) -> str:
+    return os.path.join(out, CHECKPOINTS, f"step-{step:06d}")
+
+
+def list_checkpoints(out: str) -> list[tuple[int, str]]:
+    """Published checkpoints, oldest first: (step, path)."""
+    folder = os.path.join(out, CHECKPOINTS)
+    found = [(int(m.group(1)), os.path.join(folder, name)) for name in
+             (os.listdir(folder) if os.path.isdir(folder) else []) if (m := _STEP.fullmatch(name))]
+    return sorted(found)
+
+
+def save_checkpoint(trainer, final: bool) -> str:
+    """Write, publish and prune (the main process; the others wait); the final one also becomes <out>/model."""
+    out, path = trainer.args.out_dir, checkpoint_path(trainer.args.out_dir, trainer.step)
     if trainer.rank == 0:
-        out = trainer.args.out_dir
-        os.makedirs(out, exist_ok=True)
-        tmp = os.path.join(out, "model.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(tmp)
-        trainer.tokenizer.save_pretrained(tmp)
-        final_dir = os.path.join(out, "model")
-        if os.path.isdir(final_dir):
-            os.replace(final_dir, final_dir + ".old")
-        os.replace(tmp, final_dir)
-        shutil.rmtree(final_dir + ".old", ignore_errors=True)
-        state = {"step": trainer.step, "epoch": trainer.epoch, "position": trainer.position,
-                 "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-                 "scaler": trainer.scaler.state_dict(), "rng": _rng_states(), "final": final}
-        torch.save(state, os.path.join(out, "resume.pt.tmp"))
-        os.replace(os.path.join(out, "resume.pt.tmp"), os.path.join(out, "resume.pt"))
-    if trainer.features is not None and trainer.rank == 0:
-        trainer.features.save()
+        if not os.path.isdir(path):  # a re-run of a step already saved wrote the same bytes
+            write_checkpoint(path, trainer.model, trainer.tokenizer, resume_state(trainer, final))
+        prune(out, trainer.args.keep_checkpoints)
+        if final:
+            publish_model(out, path)
+        if trainer.features is not None:
+            trainer.features.save()
     if trainer.world > 1:
         torch.distributed.barrier()
+    return path
+
+
+def resume_state(trainer, final: bool) -> dict:
+    return {"step": trainer.step, "epoch": trainer.epoch, "position": trainer.position,
+            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict(), "rng": _rng_states(), "final": final}
+
+
+def write_checkpoint(path: str, model, tokenizer, state: dict) -> None:
+    """Everything into a temporary folder, the manifest last, all flushed; then one rename publishes it."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    discard(tmp)
+    model.save_pretrained(os.path.join(tmp, "model"))
+    tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    torch.save(state, os.path.join(tmp, RESUME_FILE))
+    files = {name: _describe(os.path.join(tmp, name)) for name in _files_under(tmp)}
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"step": state["step"], "files": files}, f, indent=1)
+    for name in [*files, MANIFEST]:
+        _fsync(os.path.join(tmp, name))
+    _fsync(os.path.join(tmp, "model"))
+    _fsync(tmp)
+    os.rename(tmp, path)
+    _fsync(os.path.dirname(path))
+
+
+def publish_model(out: str, checkpoint: str) -> None:
+    """<out>/model as hard links to the checkpoint's model files (copies where links are impossible)."""
+    final, tmp = os.path.join(out, FINAL_MODEL), os.path.join(out, ".tmp-" + FINAL_MODEL)
+    discard(tmp)
+    os.makedirs(tmp)
+    source = os.path.join(checkpoint, "model")
+    for name in os.listdir(source):
+        try:
+            os.link(os.path.join(source, name), os.path.join(tmp, name))
+        except OSError:
+            shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
+    _fsync(tmp)
+    discard(final)
+    os.rename(tmp, final)
+    _fsync(out)
+
+
+def prune(out: str, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (0: keep all); each is renamed away first."""
+    for _, path in (list_checkpoints(out)[:-keep] if keep > 0 else []):
+        discard(path)
+
+
+def discard(path: str) -> None:
+    """Remove a folder: renamed to a hidden name first, so a kill mid-way leaves no half folder under its name."""
+    if os.path.lexists(path):
+        doomed = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}-{os.getpid()}")
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(out: str) -> None:
+    """Temporary and half-deleted folders that a kill left behind (never a published checkpoint)."""
+    for folder in (out, os.path.join(out, CHECKPOINTS)):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.startswith((".tmp-", ".deleting-")):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def verify_checkpoint(path: str) -> None:
+    """ValueError naming the first file that is missing, cut short or changed since the checkpoint was written."""
+    manifest = os.path.join(path, MANIFEST)
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{manifest} is missing or damaged ({err}); the checkpoint cannot be trusted") from None
+    for name, expected in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"{file} is missing from its checkpoint")
+        found = _describe(file)
+        if found != expected:
+            what = (f"it is {found['size']} bytes, {expected['size']} were written" if found["size"] != expected["size"]
+                    else "its content changed since it was written")
+            raise ValueError(f"{file} is damaged ({what}); delete {path} to resume from the checkpoint before it")
 
 
 def load_resume_state(trainer) -> None:
-    """Continue from <out>/model and <out>/resume.pt; a run without them starts from the beginning."""
+    """Continue from the newest checkpoint in <out>/checkpoints (verified); ValueError when there is none."""
     out = trainer.args.out_dir
-    path = os.path.join(out, "resume.pt")
-    if not os.path.isfile(path):
-        return
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    weights = load_file(os.path.join(out, "model", "model.safetensors"))
-    trainer.model.load_checkpoint_state(weights, source=os.path.join(out, "model"))
+    found = list_checkpoints(out)
+    if not found:
+        raise ValueError(NO_CHECKPOINT.format(out=out))
+    step, path = found[-1]
+    verify_checkpoint(path)
+    state = _read_state(os.path.join(path, RESUME_FILE))
+    weights = os.path.join(path, "model", "model.safetensors")
+    trainer.model.load_checkpoint_state(read_weights(weights), source=weights)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
@@ -65,6 +207,41 @@ def load_resume_state(trainer) -> None:
     if trainer.position >= trainer.steps_per_epoch:  # resumed at an epoch boundary
         trainer.epoch, trainer.position = trainer.epoch + 1, 0
     _set_rng_states(state["rng"])
+    if state["final"] and trainer.rank == 0 and not os.path.isdir(os.path.join(out, FINAL_MODEL)):
+        publish_model(out, path)  # a kill came between the final checkpoint and <out>/model
+
+
+def _read_state(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
+        raise ValueError(f"{path} is not a readable resume state ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''})") from None
+    if not isinstance(state, dict) or not _STATE_KEYS <= set(state):
+        raise ValueError(f"{path} is not a resume state of this version (expected the keys {sorted(_STATE_KEYS)})")
+    return state
+
+
+def _files_under(folder: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, names in os.walk(folder) for name in names)
+
+
+def _describe(path: str) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _fsync(path: str) -> None:
+    """Flush a file or a folder's entries to disk (what a rename publishes must be there after a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _rng_states() -> dict:
@@ -79,77 +256,3 @@ def _set_rng_states(states: dict) -> None:
     random.setstate((3, tuple(int(x) for x in states["python"]), None))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-class RunLog:
-    """Progress bar (loss, lr, tokens/s, ETA), metrics.jsonl, optional wandb / swanlab / tensorboard, loss.png."""
-
-    def __init__(self, out_dir: str, main: bool, loggers: list[str], total: int):
-        self.out_dir, self.main, self.start = out_dir, main, time.time()
-        self.bar = tqdm(total=total, disable=not main, dynamic_ncols=True, desc="train")
-        self.loggers = [_make_logger(name, out_dir) for name in loggers] if main else []
-        if main:
-            os.makedirs(out_dir, exist_ok=True)
-
-    def write(self, record: dict) -> None:
-        if not self.main:
-            return
-        record = {**record, "elapsed_s": round(time.time() - self.start, 2)}
-        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if "loss" in record:
-            self.bar.n = record["step"]
-            self.bar.set_postfix(loss=record["loss"], lr=f"{record['lr']:.2e}", tok_s=record["tokens_per_s"])
-        for log in self.loggers:
-            log({k: v for k, v in record.items() if isinstance(v, (int, float))}, record.get("step", 0))
-
-    def finish(self, summary: dict) -> None:
-        if not self.main:
-            return
-        self.bar.close()
-        self.write({"summary": summary})
-        plot_loss(self.out_dir)
-
-
-def plot_loss(out_dir: str) -> str | None:
-    """metrics.jsonl -> loss.png; returns its path (None when nothing was logged)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        points = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r and "step" in r]
-    if not points:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*zip(*points))
-    ax.set(xlabel="optimizer step", ylabel="loss", title="training loss")
-    ax.grid(alpha=0.3)
-    path = os.path.join(out_dir, "loss.png")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def _make_logger(name: str, out_dir: str):
-    """A callable(metrics, step) for wandb, swanlab or tensorboard; a clear error when it is not installed."""
-    try:
-        if name == "wandb":
-            import wandb
-
-            run = wandb.init(project="minimind-v", dir=out_dir)
-            return lambda metrics, step: run.log(metrics, step=step)
-        if name == "swanlab":
-            import swanlab
-
-            swanlab.init(project="minimind-v", logdir=out_dir)
-            return lambda metrics, step: swanlab.log(metrics, step=step)
-        if name == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-            return lambda metrics, step: [writer.add_scalar(k, v, step) for k, v in metrics.items()]
-    except ImportError as err:
-        raise ValueError(f"--log {name} needs the {name} package installed ({err})") from err
-    raise ValueError(f"unknown logger {name!r}; choose wandb, swanlab or tensorboard")

@@ -29,11 +29,6 @@ def bytes_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_key(path: str) -> str:
-    with open(path, "rb") as f:
-        return bytes_key(f.read())
-
-
 def pixel_key(image: Image.Image) -> str:
     """A key for an image that has no encoded bytes at hand: its mode, size and pixels."""
     return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()

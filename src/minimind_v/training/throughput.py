@@ -62,7 +62,7 @@ def bench_train(work_dir: str, data: str | None = None, rows: int = 2400, steps:
     options = {"batch_size": 16, "max_seq_len": 768, "freeze": 0, "log_every": 10 ** 9, "epochs": 1000, **train}
     tokenizer = tokenizer or find_reference_tokenizer()
     trainer = Trainer(TrainArgs(stage="sft", data=data, out_dir=os.path.join(work_dir, "run"), preset=PRESET,
-                                vision=tower, tokenizer=tokenizer, **options))
+                                vision=tower, tokenizer=tokenizer, overwrite=True, **options))
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

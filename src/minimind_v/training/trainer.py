@@ -4,29 +4,33 @@
     pretrain-vlm   image captions, only the projector trains                   (freeze 2)
     sft            conversations, projector + first and last LLM layers train  (freeze 1)
 
-Freeze strategies as the original: 0 = whole LLM + projector, 1 = projector + first/last decoder layers, 2 = projector
-only; the vision tower is always frozen. With LoRA the language model's own weights stay frozen and the adapters of
-the layers the strategy names train instead. With a Hugging Face backbone (`--llm`), frozen backbone weights are held
-in the compute dtype (bf16 on GPUs) while trained weights keep fp32 master copies. A step: the global batch (micro-
-batch x processes x accumulation) is cut from one seeded permutation, the loss is summed over every supervised token
-of the global batch and divided by their count (so 1 process and N processes compute the same gradient), then AdamW
-with a higher projector learning rate, warmup + cosine, clipping. Checkpoints and resume state live in
-`checkpointing.py`.
+Freeze strategies, optimizer groups and the schedule live in `optim.py`. A step: the global batch (micro-batch x
+processes x accumulation) is cut from one seeded permutation, the loss is summed over every supervised token of the
+global batch and divided by their count (so 1 process and N processes compute the same gradient), then AdamW with a
+higher projector learning rate, warmup + cosine, clipping. The run folder (settings, checkpoints, the final model)
+lives in `checkpointing.py`, the log in `runlog.py`, what stops a run early (Ctrl-C, bad data, divergence) in
+`guards.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import math
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .checkpointing import RunLog, load_resume_state, save_checkpoint
+from .checkpointing import check_settings, load_resume_state, open_run_folder, save_checkpoint
 from .loss import chunked_summed_loss, summed_loss
+from .optim import (apply_freeze, count_parameters, hold_frozen_in, lr_factor, make_optimizer, micro_batches,
+                    step_batches)
+from .guards import SkipGuard, StopRequest, TrainingInterrupted, check_finite_loss
+from .runlog import RunLog
 from ..data.datasets import IGNORE_INDEX, ConversationDataset, TextDataset
 from ..data.skips import SkipStats
 from ..data.batching import collate, pack
@@ -75,112 +79,32 @@ class TrainArgs:
     num_workers: int = 0
     log_every: int = 10
     save_every: int = 0  # steps between checkpoints; 0: at the end only
+    keep_checkpoints: int = 2  # the newest N checkpoints stay (0: all)
+    max_skip_rate: float = 0.5  # stop when more of the samples read so far were skipped (bad records)
     feature_cache: str | None = None
     resume: bool = False
+    overwrite: bool = False  # replace a run already in out_dir
     loggers: list[str] = field(default_factory=list)  # wandb, swanlab, tensorboard
     eval_every: int = 0
     evaluate: object = None  # callable(model) -> dict of metrics, run on the main process
 
 
-def apply_freeze(model: MiniMindVLM, strategy: int) -> None:
-    """0: LLM + projector, 1: projector + first and last decoder layers, 2: projector only. Tower: always frozen.
-    With LoRA, the named layers' adapters train instead of their weights."""
-    if strategy not in (0, 1, 2):
-        raise ValueError(f"freeze strategy must be 0, 1 or 2, got {strategy}")
-    model.requires_grad_(False)
-    model.vision_proj.requires_grad_(True)
-    layers = model.decoder_layers()
-    chosen = {0: list(layers), 1: [layers[0], layers[-1]], 2: []}[strategy]
-    if model.config.lora_rank:
-        for layer in chosen:
-            for name, param in layer.named_parameters():
-                param.requires_grad_(".lora_" in name)
-        return
-    trained = [model.lora_root() if hasattr(model, "language_model") else model] if strategy == 0 else chosen
-    for module in trained:
-        module.requires_grad_(True)
-    if model.vision_tower is not None:
-        model.vision_tower.requires_grad_(False)
-    model.mark_trained([model.lora_root()] if strategy == 0 else chosen)
-
-
-def hold_frozen_in(model: MiniMindVLM, dtype: torch.dtype) -> None:
-    """Cast the frozen base weights of a Hugging Face backbone (never saved) to the half-precision compute dtype."""
-    if hasattr(model, "language_model") and dtype != torch.float32:
-        for name, param in model.named_parameters():
-            if name.startswith("language_model.") and not param.requires_grad and not model.saves(name):
-                param.data = param.data.to(dtype)
-
-
-def count_parameters(model: torch.nn.Module) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable_params": trainable, "total_params": total}
-
-
-def make_optimizer(model: MiniMindVLM, args: TrainArgs) -> torch.optim.AdamW:
-    """AdamW (fused on CUDA); the projector at lr * projector_lr_mult; no weight decay on norms and biases."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            groups.setdefault((name.startswith("vision_proj."), param.dim() >= 2), []).append(param)
-    return torch.optim.AdamW([{"params": params, "lr": args.lr * (args.projector_lr_mult if proj else 1.0),
-                               "weight_decay": args.weight_decay if decay else 0.0}
-                              for (proj, decay), params in groups.items()], betas=(0.9, 0.95),
-                             fused=next(model.parameters()).device.type == "cuda")  # one kernel on a GPU
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine down to min_ratio at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def step_batches(num_samples: int, seed: int, epoch: int, global_batch: int) -> list[list[int]]:
-    """The epoch's optimizer steps as lists of sample indices (one seeded permutation; a short tail is dropped)."""
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i:i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
-
-
-def micro_batches(step: list[int], rank: int, world: int, accum: int) -> list[list[int]]:
-    """This process's accumulation micro-batches of one step: the same split whatever `world` x `accum` is."""
-    size = len(step) // (world * accum)
-    return [step[(rank * accum + a) * size:(rank * accum + a + 1) * size] for a in range(accum)]
-
-
 class Trainer:
     def __init__(self, args: TrainArgs):
-        if args.stage not in STAGES:
-            raise ValueError(f"unknown stage {args.stage!r}; choose one of {', '.join(STAGES)}")
+        check_args(args)
         self.args = args
         use_cuda = pick_device(args.device).type == "cuda"
         self.rank, self.world, local_rank = init_distributed(use_cuda)
         self.device = torch.device("cuda", local_rank) if self.world > 1 and use_cuda else pick_device(args.device)
+        if self.rank == 0:  # before anything is built: a run already there is refused (or removed: --overwrite)
+            open_run_folder(args.out_dir, args.resume, args.overwrite)
         torch.manual_seed(args.seed)
         self.tokenizer, self.model = build_model(args)
         if args.packing and hasattr(self.model, "language_model"):
             raise ValueError("--packing needs the MiniMind language model (a Hugging Face backbone reads masks its "
                              "own way)")
         self._prepare_model()
-        # packed samples under variable-length attention need no rows of max_seq_len: one row, (almost) no padding
-        config = self.model.config
-        self.one_row = args.packing and varlen_ready(config.flash_attn, config.dropout, self.device, self.dtype)
-        self.stats = SkipStats()
-        self.dataset = make_dataset(args, self.tokenizer, self.model, self.stats)
-        tower = self.model.vision_tower
-        self.features = (ImageFeatures(tower, args.feature_cache, tower_id(self.model.config)) if tower is not None
-                         else None)
-        if self.features is not None and args.num_workers > 0 and args.feature_cache is None:  # in the workers
-            half = torch.float16 if self.device.type == "cuda" else torch.float32  # half the bytes to ship
-            self.dataset.transform = functools.partial(pixel_values, processor=tower.processor, dtype=half)
-        self.global_batch = args.batch_size * self.world * args.grad_accum
-        self.steps_per_epoch = len(self.dataset) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.dataset)} samples cannot fill one global batch of {self.global_batch}")
-        self.total_steps = self.steps_per_epoch * args.epochs
-        self.total_steps = min(self.total_steps, args.max_steps) if args.max_steps else self.total_steps
+        self._prepare_data()
         self.optimizer = make_optimizer(self.model, args)
         warmup = int(args.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -190,9 +114,44 @@ class Trainer:
         # compiled, the cross-entropy over [tokens, vocabulary] logits is a few fused passes instead of eager ones
         self.summed_loss = torch.compile(summed_loss, dynamic=True) if args.compile else summed_loss
         self.step = self.epoch = self.position = 0
-        self.log = RunLog(args.out_dir, main=self.rank == 0, loggers=args.loggers, total=self.total_steps)
+        self.guard = SkipGuard(args.max_skip_rate, self.world, self.device)
+        check_settings(args.out_dir, self.settings(), args.resume, main=self.rank == 0)
         if args.resume:
             load_resume_state(self)
+        self.log = RunLog(args.out_dir, main=self.rank == 0, loggers=args.loggers, total=self.total_steps,
+                          resumed_at=self.step if args.resume else None)
+
+    def _prepare_data(self) -> None:
+        """The dataset (samples within max_seq_len and the model's context), image features, the step counts."""
+        args, config = self.args, self.model.config
+        # packed samples under variable-length attention need no rows of max_seq_len: one row, (almost) no padding
+        self.one_row = args.packing and varlen_ready(config.flash_attn, config.dropout, self.device, self.dtype)
+        self.max_seq_len = min(args.max_seq_len, config.max_position_embeddings)
+        if self.max_seq_len < args.max_seq_len and self.rank == 0:
+            print(f"max_seq_len {args.max_seq_len} is over the model's context: samples are cut to "
+                  f"{self.max_seq_len} tokens", file=sys.stderr)
+        self.stats = SkipStats()
+        self.dataset = make_dataset(args, self.tokenizer, self.model, self.stats, self.max_seq_len)
+        tower = self.model.vision_tower
+        self.features = (ImageFeatures(tower, args.feature_cache, tower_id(config)) if tower is not None else None)
+        if self.features is not None and args.num_workers > 0 and args.feature_cache is None:  # in the workers
+            half = torch.float16 if self.device.type == "cuda" else torch.float32  # half the bytes to ship
+            self.dataset.transform = functools.partial(pixel_values, processor=tower.processor, dtype=half)
+        self.global_batch = args.batch_size * self.world * args.grad_accum
+        self.steps_per_epoch = len(self.dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.dataset)} samples cannot fill one global batch of {self.global_batch}")
+        self.total_steps = self.steps_per_epoch * args.epochs
+        self.total_steps = min(self.total_steps, args.max_steps) if args.max_steps else self.total_steps
+
+    def settings(self) -> dict:
+        """What run.json records and a resumed run must repeat: the arguments, resolved."""
+        args = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(self.args) if f.name != "evaluate"}
+        for name in ("data", "from_weight", "tokenizer", "vision", "image_root", "llm", "feature_cache"):
+            if args[name] and os.path.exists(args[name]):
+                args[name] = os.path.abspath(args[name])
+        return {**args, "freeze": STAGES[self.args.stage]["freeze"] if args["freeze"] is None else args["freeze"],
+                "max_seq_len": self.max_seq_len, "global_batch": self.global_batch, "samples": len(self.dataset)}
 
     def _prepare_model(self) -> None:
         """On the device, frozen as the stage says, frozen backbone weights in the compute dtype, checkpointing."""
@@ -219,20 +178,36 @@ class Trainer:
         return torch.compile(model, dynamic=True if self.args.packing else None)
 
     def run(self) -> dict:
-        start, last = time.time(), {}
+        start = time.time()
         self._since, self._tokens = start, 0  # throughput over each logging interval
-        plan = self.plan()
-        for (epoch, position, _), batches in zip(plan, self._loader([step for _, _, step in plan])):
-            self.epoch = epoch
-            self.step, self.position = self.step + 1, position + 1
-            last = self._after_step(self.train_step(batches)) or last
-            if self.position >= self.steps_per_epoch:
-                self.epoch, self.position = epoch + 1, 0
+        try:
+            last = self._run_steps()
+        except BaseException:
+            self.log.close()  # the message that follows starts on its own line
+            raise
         save_checkpoint(self, final=True)
         summary = {"steps": self.step, "seconds": round(time.time() - start, 1), "skipped": self.stats.summary(),
                    **self.params, **last}
         self.log.finish(summary)
         return summary
+
+    def _run_steps(self) -> dict:
+        """Every planned step; Ctrl-C stops after the step under way with a checkpoint. -> the last log record."""
+        plan, last = self.plan(), {}
+        self.guard.start(len(plan) * self.global_batch)
+        with StopRequest(enabled=self.world == 1) as stop:
+            for (epoch, position, _), batches in zip(plan, self._loader([step for _, _, step in plan])):
+                self.epoch = epoch
+                self.step, self.position = self.step + 1, position + 1
+                self.guard.count(batches)
+                last = self._after_step(self.train_step(batches)) or last
+                if self.position >= self.steps_per_epoch:
+                    self.epoch, self.position = epoch + 1, 0
+                if stop.requested:
+                    path = save_checkpoint(self, final=False)
+                    raise TrainingInterrupted(f"interrupted at step {self.step} of {self.total_steps}; checkpoint "
+                                              f"{path}; the same command with --resume continues the run")
+        return last
 
     def plan(self) -> list[tuple[int, int, list[int]]]:
         """The optimizer steps still to run, across epochs: (epoch, position in it, sample indices). One loader
@@ -248,10 +223,10 @@ class Trainer:
         """Yield each step's micro-batches for this process, collated (workers decode images in parallel)."""
         micro = [mb for step in steps for mb in micro_batches(step, self.rank, self.world, self.args.grad_accum)]
         pad = self.tokenizer.pad_token_id
-        batcher = (functools.partial(pack, max_len=self.args.max_seq_len, pad_token_id=pad, one_row=self.one_row)
+        batcher = (functools.partial(pack, max_len=self.max_seq_len, pad_token_id=pad, one_row=self.one_row)
                    if self.args.packing else functools.partial(collate, pad_token_id=pad))
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=micro, num_workers=self.args.num_workers,
-                                             collate_fn=batcher,
+                                             collate_fn=batcher, worker_init_fn=ignore_interrupts,
                                              pin_memory=self.device.type == "cuda",
                                              prefetch_factor=4 if self.args.num_workers else None)
         group = []
@@ -274,6 +249,9 @@ class Trainer:
                       "tokens_per_s": round(self._tokens * self.world / max(now - self._since, 1e-9))}
             self.log.write({"step": self.step, "epoch": self.epoch, **record})
             self._since, self._tokens = now, 0
+            check_finite_loss(record["loss"], self.step)
+        if self.world == 1 or record is not None:  # under torchrun, at logging steps: where all ranks meet
+            self.guard.check(self.step, self.stats.summary)
         if args.save_every and self.step % args.save_every == 0:
             save_checkpoint(self, final=False)
         if args.evaluate is not None and args.eval_every and self.step % args.eval_every == 0 and self.rank == 0:
@@ -299,8 +277,9 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                                    self.args.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if total > 0:  # a step whose samples were all skipped changes nothing (no decay-only update)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {"loss": all_reduce_sum(loss_sum) / max(total, 1.0), "lr": self.scheduler.get_last_lr()[0],
@@ -317,7 +296,7 @@ class Trainer:
             features = self.features(images, batch["image_keys"], self.device) if len(images) else None
             if "segment_ids" in batch:  # packed rows: each sample attends within itself, counts positions from 0
                 mask = PackedMask(batch["segment_ids"].to(self.device, non_blocking=True),
-                                  batch["cu_seqlens"].to(self.device, non_blocking=True), self.args.max_seq_len)
+                                  batch["cu_seqlens"].to(self.device, non_blocking=True), self.max_seq_len)
                 positions = batch["position_ids"].to(self.device, non_blocking=True)
             else:
                 mask, positions = batch["attention_mask"].to(self.device, non_blocking=True), None
@@ -329,6 +308,11 @@ class Trainer:
                       else self.summed_loss(out.logits, labels))
         loss = summed * self.world / max(total_supervised, 1.0) + out.aux_loss / accum
         return loss, summed.detach().float()
+
+
+def ignore_interrupts(_worker: int) -> None:
+    """Loader workers leave Ctrl-C to the main process (which finishes its step and saves first)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def pixel_values(image, processor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -368,8 +352,23 @@ def build_model(args: TrainArgs):
     return tokenizer, model
 
 
-def make_dataset(args: TrainArgs, tokenizer, model: MiniMindVLM, stats: SkipStats):
+def make_dataset(args: TrainArgs, tokenizer, model: MiniMindVLM, stats: SkipStats, max_seq_len: int):
     if STAGES[args.stage]["text"]:
-        return TextDataset(args.data, tokenizer, model.config, args.max_seq_len, stats=stats)
-    return ConversationDataset(args.data, tokenizer, model.config, args.max_seq_len, image_root=args.image_root,
+        return TextDataset(args.data, tokenizer, model.config, max_seq_len, stats=stats)
+    return ConversationDataset(args.data, tokenizer, model.config, max_seq_len, image_root=args.image_root,
                                stats=stats)
+
+
+def check_args(args: TrainArgs) -> None:
+    """Settings that cannot work are errors before anything is built."""
+    checks = [(args.stage in STAGES, f"unknown stage {args.stage!r}; choose one of {', '.join(STAGES)}"),
+              (not (args.resume and args.overwrite), "--resume continues a run and --overwrite replaces it: pick one"),
+              (0.0 <= args.max_skip_rate <= 1.0, f"--max-skip-rate must be in [0, 1], got {args.max_skip_rate}"),
+              (min(args.batch_size, args.grad_accum, args.epochs, args.log_every) >= 1,
+               "--batch-size, --grad-accum, --epochs and --log-every must be at least 1"),
+              (min(args.save_every, args.keep_checkpoints, args.num_workers) >= 0,
+               "--save-every, --keep-checkpoints and --num-workers must be at least 0"),
+              (args.max_steps is None or args.max_steps >= 1, "--max-steps must be at least 1")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

@@ -1,0 +1,93 @@
+"""`minimind-v eval` on hostile data: every bad item is skipped and counted with its file and line, the rest is
+scored, and a file with nothing usable is a one-line error."""
+
+import io
+import json
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import build_tokenizer, tiny_config
+from minimind_v import MiniMindVLM
+from minimind_v.cli import main
+from minimind_v.data.skips import SkipStats
+from minimind_v.evaluate import load_qa_jsonl
+
+
+def png(size=(32, 32), color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def model_dir(clip_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    MiniMindVLM(tiny_config(vocab_size=len(tokenizer)), vision_model_path=clip_dir).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    (tmp_path / "good.png").write_bytes(png())
+    (tmp_path / "bomb.png").write_bytes(header_only_png(5000, 5000))
+    (tmp_path / "thin.png").write_bytes(png(size=(1, 16384)))
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    lines = [json.dumps({"question": "what color?", "answer": "red", "image": "good.png", "type": "color"}),
+             "{not json",
+             json.dumps([1, 2]),
+             json.dumps({"question": 7, "answer": "red", "image": "good.png"}),
+             json.dumps({"question": "what color?", "answer": "red", "image": 12}),
+             json.dumps({"question": "what color?", "image": "good.png"}),
+             json.dumps({"question": "what color?", "answer": "red", "image": "bomb.png"}),
+             json.dumps({"question": "what color?", "answer": "red", "image": "thin.png"}),
+             json.dumps({"question": "what color?", "answer": "red", "image": "corrupt.png"}),
+             json.dumps({"question": "what color?", "answer": "red", "image": "missing.png"}),
+             json.dumps({"question": "<image> and <image>?", "answer": "red", "image": "good.png"}),
+             json.dumps({"question": "how many?", "answer": 3, "image": ["good.png"], "type": "count"})]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_bad_items_are_skipped_with_file_and_line(hostile, caplog):
+    stats = SkipStats()
+    items = load_qa_jsonl(str(hostile / "qa.jsonl"), str(hostile), stats)
+    assert [item.answer for item in items] == ["red", "red", "3"]  # the two-marker item fails later, in the engine
+    assert stats.counts == {"bad json": 1, "bad record": 4, "decompression bomb": 1, "corrupt image": 1,
+                            "image side or aspect ratio over the limits": 1, "missing image file": 1}
+    assert f"{hostile / 'qa.jsonl'}:7:" in caplog.text and f"{hostile / 'qa.jsonl'}:2:" in caplog.text
+
+
+def test_cli_eval_scores_what_it_can_and_counts_the_rest(model_dir, hostile, capsys):
+    assert main(["eval", "--model", model_dir, "--data", str(hostile / "qa.jsonl"), "--image-root",
+                 str(hostile)]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["total"] == 2 and set(report["per_type"]) == {"color", "count"}
+    assert "skipped 10 of 12 records" in report["skipped"] and "1 question the model cannot take" in report["skipped"]
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "{not json\n", json.dumps({"question": 1, "answer": 2}) + "\n"])
+def test_a_file_with_nothing_usable_is_an_error(model_dir, tmp_path, capsys, content):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(content)
+    assert main(["eval", "--model", model_dir, "--data", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "no usable question/answer item" in err[0]
+    assert main(["eval", "--model", model_dir, "--data", str(tmp_path / "nothing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
