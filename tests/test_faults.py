@@ -272,3 +272,13 @@ def test_a_loss_that_is_no_longer_finite_stops_the_run(workspace, tmp_path, monk
     with pytest.raises(ValueError, match="the loss is nan at step 2: training diverged"):
         trainer.run()
     assert list_checkpoints(str(tmp_path / "run")) == []  # step 2 was due to be saved: NaN weights never are
+
+
+def test_a_damaged_feature_cache_is_computed_again(workspace, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    Trainer(args_for(workspace, "sft", tmp_path / "a", **{**SHORT, "feature_cache": str(cache)})).run()
+    (file,) = cache.iterdir()
+    damage(file, "cut")
+    Trainer(args_for(workspace, "sft", tmp_path / "b", **{**SHORT, "feature_cache": str(cache)})).run()
+    assert "is damaged" in caplog.text
+    assert_same_weights(weights(tmp_path / "b"), weights(tmp_path / "a"))

@@ -9,13 +9,17 @@ skip the tower entirely.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..models.vision_tower import VisionTower, image2tensor
+
+logger = logging.getLogger(__name__)
 
 
 def tower_id(config) -> str:
@@ -43,7 +47,10 @@ class ImageFeatures:
         self.cache: dict[str, torch.Tensor] | None = None if cache_dir is None else {}
         self.dirty = False
         if self.path and os.path.isfile(self.path):
-            self.cache = dict(load_file(self.path))
+            try:
+                self.cache = dict(load_file(self.path))
+            except (SafetensorError, OSError, ValueError) as err:  # damaged: the features are computed again
+                logger.warning("feature cache %s is damaged (%s): computing the features again", self.path, err)
 
     def __call__(self, images: list[Image.Image] | torch.Tensor, keys: list[str], device: torch.device) -> torch.Tensor:
         """images: PIL images, or the pixel values loader workers made (stacked [N, 3, H, W]) -> [N, T, D]."""
