@@ -2,6 +2,7 @@
 that client cannot send)."""
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -31,6 +32,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def live_server(app, drain: float = 2.0):
+    """The app served by uvicorn on a free loopback port in a thread: yields its base URL."""
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
+                                       timeout_graceful_shutdown=drain))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def server(clip_dir, tokenizer, tmp_path_factory):
     torch.manual_seed(0)
@@ -39,15 +58,8 @@ def server(clip_dir, tokenizer, tmp_path_factory):
     Image.new("RGB", (32, 32), (200, 30, 30)).save(root / "red.png")
     settings = ServerSettings(model_name="tiny", api_key=KEY, max_images=2, max_image_bytes=50_000,
                               local_image_root=str(root))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "root": root}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with live_server(create_app(engine, settings)) as url:
+        yield {"url": url, "engine": engine, "root": root}
 
 
 @pytest.fixture
@@ -151,7 +163,8 @@ def test_remote_images_are_fetched_only_when_configured(server, tmp_path):
     import http.server
     import functools
 
-    from minimind_v.serving.openai_api import APIError, load_image_url
+    from minimind_v.serving.image_input import load_image_url
+    from minimind_v.serving.protocol import APIError
 
     picture().save(tmp_path / "p.png")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))

@@ -3,6 +3,8 @@ see the answer stream in; a screenshot is saved. The model is first taught one a
 definite to look for."""
 
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ playwright = pytest.importorskip("playwright.sync_api")
 from conftest import tiny_config  # noqa: E402
 from minimind_v import MiniMindVLM  # noqa: E402
 from minimind_v.data.datasets import tokenize_conversation  # noqa: E402
-from minimind_v.generation import Engine, GenerationRequest, SamplingParams  # noqa: E402
+from minimind_v.generation import Engine, EngineWorker, GenerationRequest, SamplingParams  # noqa: E402
 from minimind_v.serving.web import build_app, empty_history, respond  # noqa: E402
 from test_server import free_port  # noqa: E402
 
@@ -52,13 +54,53 @@ def taught(clip_dir, tokenizer, tmp_path_factory):
 def test_respond_streams_and_keeps_history(taught):
     engine, path = taught
     settings = (0.0, 1.0, 0, 20, 1.0)
-    updates = list(respond(engine, QUESTION, Image.open(path), empty_history(), *settings))
+    worker = EngineWorker(engine)
+    updates = list(respond(worker, QUESTION, Image.open(path), empty_history(), *settings))
     display, history, textbox, image = updates[-1]
     assert display[-1] == {"role": "assistant", "content": ANSWER} and textbox == "" and image is None
     assert len(updates) >= 3  # streamed: several partial answers before the last
     assert history["messages"][0]["content"] == "<image>" + QUESTION and len(history["images"]) == 1
-    bad = list(respond(engine, "two?", Image.open(path), history, 0.0, 1.0, 0, 0, 1.0))[-1]
+    bad = list(respond(worker, "two?", Image.open(path), history, 0.0, 1.0, 0, 0, 1.0))[-1]
     assert bad[0][-1]["content"].startswith("[error: max_new_tokens must be at least 1")
+    worker.stop(timeout=5)
+
+
+def answer_in_a_thread(worker: EngineWorker, path, timeout: float) -> list:
+    """A whole second turn from another session, as another browser would ask it: [last update] or [] if it
+    did not finish within `timeout` s."""
+    done = []
+    thread = threading.Thread(target=lambda: done.append(list(respond(
+        worker, QUESTION, Image.open(path), empty_history(), 0.0, 1.0, 0, 20, 1.0))[-1]), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return done
+
+
+def test_an_abandoned_answer_does_not_hold_the_engine(taught):
+    """A browser that leaves mid-answer: Gradio may never resume (or close) that turn's generator. Another
+    session's turn is still answered; closing the abandoned turn cancels its answer at the next step."""
+    engine, path = taught
+    worker = EngineWorker(engine)
+    try:
+        left = respond(worker, QUESTION, Image.open(path), empty_history(), 0.0, 1.0, 0, 20, 1.0)
+        next(left)  # the first partial answer shown, then nobody reads on
+        done = answer_in_a_thread(worker, path, timeout=30)
+        assert done and done[0][0][-1] == {"role": "assistant", "content": ANSWER}
+        steps, real, eos = [], engine._advance, engine.eos_ids
+        engine._advance = lambda *args: (steps.append(1), time.sleep(0.005), real(*args))[2]
+        engine.eos_ids = set()  # the abandoned answer would run its 400 tokens
+        try:
+            long = respond(worker, "and more?", None, empty_history(), 0.0, 1.0, 0, 400, 1.0)
+            next(long)
+            long.close()  # Gradio closes the turn of a browser that left
+            start = time.time()
+            assert answer_in_a_thread(worker, path, timeout=30)
+            assert time.time() - start < 2.0 and len(steps) < 200  # not behind 400 steps of the abandoned answer
+        finally:
+            del engine._advance
+            engine.eos_ids = eos
+    finally:
+        worker.stop(timeout=5)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (.ci/run installs Debian's)")

@@ -211,14 +211,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .serving.openai_api import ServerSettings, create_app
+    from .serving.options import settings_fields
 
-    settings = ServerSettings(model_name=args.model_name or args.model.rstrip("/").split("/")[-1],
-                              api_key=args.api_key or os.environ.get("MINIMIND_V_API_KEY"),
-                              local_image_root=args.allow_local_images, fetch_remote_images=args.fetch_remote_images,
-                              max_images=args.max_images, max_image_bytes=args.max_image_bytes)
+    settings = ServerSettings(**settings_fields(args, os.environ))
     app = create_app(_engine(args), settings)
     print(f"[minimind-v] serving {settings.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:  # SIGTERM/SIGINT: stop accepting, let requests finish for --drain-timeout s, cancel the rest, exit
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=args.drain_timeout)
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it handled again, once it has shut down
+        pass
     return 0
 
 
@@ -287,16 +289,11 @@ def add_serving_parsers(sub) -> None:
     chat.add_argument("--system", help="a system message")
     chat.add_argument("--stats", action="store_true", help="print prefill time and decode tokens/s after answers")
     chat.set_defaults(func=cmd_chat)
+    from .serving.options import add_serve_arguments
+
     serve = sub.add_parser("serve", help="an OpenAI-compatible API server (/v1/chat/completions)")
     add_model_arguments(serve, sampling=False)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--model-name", help="the id clients ask for (default: the folder's name)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MINIMIND_V_API_KEY)")
-    serve.add_argument("--allow-local-images", metavar="DIR", help="accept image paths under DIR")
-    serve.add_argument("--fetch-remote-images", action="store_true", help="download http(s) image URLs")
-    serve.add_argument("--max-images", type=int, default=4)
-    serve.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
+    add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     web = sub.add_parser("web", help="a Gradio web demo: upload images, chat with streaming, sampling settings")
     add_model_arguments(web, sampling=False)
@@ -307,8 +304,12 @@ def add_serving_parsers(sub) -> None:
 
 
 def add_bench_parsers(sub) -> None:
+    from .serving.loadtest import add_load_parser
+
     bench = sub.add_parser("bench", help="performance: decode speed (`bench decode`), training throughput "
-                                         "(`bench train`)").add_subparsers(dest="what", required=True)
+                                         "(`bench train`), the server under load (`bench serve`)"
+                           ).add_subparsers(dest="what", required=True)
+    add_load_parser(bench)
     decode = bench.add_parser("decode", help="prefill latency, decode tokens/s (batch 1 and --batch), peak memory")
     add_model_arguments(decode, sampling=False, model_required=False)
     decode.add_argument("--prompt-tokens", type=int, default=100)

@@ -1,6 +1,9 @@
-"""Generation: a preallocated KV cache, sampling, and the batched streaming engine every surface uses."""
+"""Generation: a preallocated KV cache, sampling, the batched streaming engine every surface uses, and the worker
+thread that owns an engine for servers."""
 
 from .engine import Engine, GenerationRequest, GenerationResult, RequestError, StreamDelta
-from .sampling import SamplingParams
+from .sampling import SamplingError, SamplingParams
+from .worker import EngineWorker, Job, ServerBusy, WorkerStopped
 
-__all__ = ["Engine", "GenerationRequest", "GenerationResult", "RequestError", "SamplingParams", "StreamDelta"]
+__all__ = ["Engine", "EngineWorker", "GenerationRequest", "GenerationResult", "Job", "RequestError", "SamplingError",
+           "SamplingParams", "ServerBusy", "StreamDelta", "WorkerStopped"]

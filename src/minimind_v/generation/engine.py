@@ -7,7 +7,10 @@
        GPU, static_decode.py); each row stops on EOS, a stop string or its own limit
     -> text deltas as they are decoded (`stream`), or whole results (`generate`)
 
-One batch runs at a time (a lock), so concurrent callers queue instead of corrupting each other's cache.
+One batch runs at a time (a lock), so concurrent callers queue instead of corrupting each other's cache. The lock is
+held while a `stream` generator is open: a consumer that may stop reading must close it, or use a worker
+(worker.py: one thread owns the engine). A request's `cancel` event, when set, ends that request at the next step
+(finish_reason "cancelled"); a request cancelled before its batch starts costs no prefill.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from PIL import Image
 
 from ..data.processing import IMAGE_MARKER, chat_prompt, check_placeholders, expand_image_markers
+from ..models.vision_tower import image2tensor
 from ..training.features import ImageFeatures
 from .kv_cache import PreallocatedCache
 from .sampling import SamplingParams, TokenChooser
@@ -34,19 +38,21 @@ class RequestError(ValueError):
 @dataclass
 class GenerationRequest:
     """`messages` (role/content dicts, run through the chat template) or a raw `text` prompt; `<image>` marks
-    where each of `images` goes, in order."""
+    where each of `images` goes, in order: PIL images, or the tower's pixel values [3, H, W] from
+    `Engine.pixel_values` (all of one kind within a batch). Setting `cancel` ends the request at the next step."""
     messages: list[dict] | None = None
     text: str | None = None
-    images: list[Image.Image] = field(default_factory=list)
+    images: list[Image.Image | torch.Tensor] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
     image_keys: list[str] = field(default_factory=list)  # content keys, when the engine has a feature cache
+    cancel: threading.Event | None = None
 
 
 @dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled" (text: what was released)
     prompt_tokens: int
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -138,6 +144,10 @@ class Engine:
         self.eos_ids.discard(None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.context = model.config.max_position_embeddings
+        # No token covers more characters than the longest vocabulary entry (for byte-level BPE its length is its
+        # byte count), and Unicode normalization composes at most 4 characters into 1: a prompt text longer than
+        # this cannot fit the context, whatever its tokens, and is refused before tokenizing.
+        self.max_prompt_chars = 4 * self.context * max(map(len, tokenizer.get_vocab()))
         self.lock = threading.Lock()
 
     @property
@@ -152,10 +162,26 @@ class Engine:
             return "compiled CUDA graphs" if self.decoders.compile else "CUDA graphs"
         return "compiled static steps"
 
+    def check_prompt_size(self, request: GenerationRequest) -> None:
+        """RequestError when the prompt's text is too long to fit the context whatever its tokens (cheap: counts
+        characters, before the slow tokenization of a huge text)."""
+        chars = len(request.text or "") + sum(len(str(m.get("content") or "")) for m in request.messages or [])
+        if chars > self.max_prompt_chars:
+            raise RequestError(f"the prompt is {chars} characters; no prompt over {self.max_prompt_chars} characters "
+                               f"fits this model's context of {self.context} tokens")
+
+    def pixel_values(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image -> the vision tower's pixel values [3, H, W]: what a request can carry instead of the image
+        (a queued request then holds a small tensor, not the decoded picture)."""
+        if self.features is None:
+            raise RequestError("this model has no vision tower, so it cannot take images")
+        return image2tensor(image, self.features.tower.processor)[0]  # [1, 3, H, W] -> [3, H, W]
+
     def encode(self, request: GenerationRequest) -> list[int]:
         """Prompt token ids, after checking images against `<image>` markers and the context length."""
         if (request.messages is None) == (request.text is None):
             raise RequestError("give either chat messages or a raw text prompt")
+        self.check_prompt_size(request)
         config = self.model.config
         if request.messages is not None:
             markers = sum(str(m.get("content", "")).count(IMAGE_MARKER) for m in request.messages)
@@ -196,10 +222,17 @@ class Engine:
     # thread, so each step enters it afresh and no `yield` happens inside it.
     def _decode(self, rows: list[_Row], requests: list[GenerationRequest]) -> Iterator[StreamDelta]:
         start, prefill_done = time.perf_counter(), None
+        cancels = [r.cancel for r in requests]
+        yield from self._cancelled(rows, cancels, start, start)
+        if all(row.finish is not None for row in rows):
+            return  # every request was cancelled before its prefill
         with torch.inference_mode():
             state = self._prefill(rows, requests)
             choosers = [TokenChooser(row.params, self.device) for row in rows]
         while True:
+            yield from self._cancelled(rows, cancels, start, prefill_done or time.perf_counter())
+            if all(row.finish is not None for row in rows):
+                return
             with torch.inference_mode():
                 tokens = self._choose(rows, choosers, state["history"], state["logits"])  # a list: device done
             prefill_done = prefill_done or time.perf_counter()  # prefill = time to the first token
@@ -214,6 +247,15 @@ class Engine:
                 return
             with torch.inference_mode():
                 self._advance(state, rows, tokens)
+
+    def _cancelled(self, rows: list[_Row], cancels: Iterable[threading.Event | None], start: float,
+                   prefill_done: float) -> Iterator[StreamDelta]:
+        """Finish every unfinished row whose request is cancelled: its last delta, finish_reason "cancelled" and
+        the text released so far."""
+        for i, (row, cancel) in enumerate(zip(rows, cancels)):
+            if row.finish is None and cancel is not None and cancel.is_set():
+                row.finish, row.text = "cancelled", row.text[:row.released]
+                yield StreamDelta(i, "", self._result(row, start, prefill_done))
 
     def prepare(self, requests: list[GenerationRequest], prompts: list[list[int]] | None = None):
         """-> left-padded input_ids [B, L], attention mask [B, L], image features [num_images, T, ve] or None."""

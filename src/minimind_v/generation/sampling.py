@@ -1,17 +1,56 @@
-"""Sampling settings and the per-row next-token choice (transformers' logits processors do the warping)."""
+"""Sampling settings and the per-row next-token choice (transformers' logits processors do the warping).
+
+Valid settings (anything else is a `SamplingError` naming the field, before any work starts):
+
+    max_new_tokens       an integer >= 1 (the engine also stops at the context length)
+    temperature          0 (greedy), or a finite number from MIN_TEMPERATURE to MAX_TEMPERATURE: below 1e-5 the
+                         scaled logits (and a denormal like 1e-45 makes them overflow to inf, then NaN) are refused
+    top_k                an integer >= 0 (0: off)
+    top_p                a finite number in (0, 1] (1: off)
+    repetition_penalty   a finite number from MIN_PENALTY to MAX_PENALTY (1: off)
+    stop                 at most MAX_STOPS strings, each 1 to MAX_STOP_CHARS characters
+    seed                 None or a 64-bit signed integer; a negative seed is mapped into the generator's range
+
+With these bounds the warped logits stay finite (|logit| / 1e-5 / 0.01 is far from float32's limit), so sampling
+never meets a NaN.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 100.0
+MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
+
+
+class SamplingError(ValueError):
+    """A sampling setting outside its valid range; `field` names it (a SamplingParams field)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _real(value) -> bool:
+    """A finite int or float (not a bool, not NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off."""
+    """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off. The module docstring lists the
+    valid ranges; construction raises SamplingError outside them."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_k: int = 0
@@ -21,15 +60,31 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
-                  (self.temperature >= 0, "temperature must be >= 0"),
-                  (self.top_k >= 0, "top_k must be >= 0"),
-                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-                  (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")]
-        for ok, message in checks:
+        for name, ok, message in self._checks():
             if not ok:
-                raise ValueError(f"{message} (got {self!r})")
+                got = repr(getattr(self, name))
+                raise SamplingError(name, f"{message} (got {name}={got[:80]}{'...' if len(got) > 80 else ''})")
+
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        """(field, holds, message) for every rule, in field order; the first that fails is reported."""
+        t, p, r, stop = self.temperature, self.top_p, self.repetition_penalty, self.stop
+        stops_ok = isinstance(stop, (list, tuple)) and len(stop) <= MAX_STOPS and all(
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
+        return [
+            ("max_new_tokens", _integer(self.max_new_tokens) and self.max_new_tokens >= 1,
+             "max_new_tokens must be at least 1"),
+            ("temperature", _real(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE),
+             f"temperature must be >= 0: 0 (greedy) or a finite number from {MIN_TEMPERATURE:g} to "
+             f"{MAX_TEMPERATURE:g}"),
+            ("top_k", _integer(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0"),
+            ("top_p", _real(p) and 0 < p <= 1, "top_p must be a finite number in (0, 1]"),
+            ("repetition_penalty", _real(r) and MIN_PENALTY <= r <= MAX_PENALTY,
+             f"repetition_penalty must be a finite number from {MIN_PENALTY:g} to {MAX_PENALTY:g}"),
+            ("stop", stops_ok, f"stop must be at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                               "characters"),
+            ("seed", self.seed is None or (_integer(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+             f"seed must be an integer from {SEED_MIN} to {SEED_MAX}"),
+        ]
 
     @property
     def greedy(self) -> bool:
@@ -56,8 +111,8 @@ class TokenChooser:
             self.generator = torch.Generator(device=device)
             if params.seed is None:
                 self.generator.seed()
-            else:
-                self.generator.manual_seed(params.seed)
+            else:  # a signed 64-bit seed -> the generator's unsigned range, one to one
+                self.generator.manual_seed(params.seed % 2**64)
 
     def __call__(self, previous: torch.LongTensor, logits: torch.Tensor) -> int:
         scores = self.processors(previous, logits.float())  # [1, V]

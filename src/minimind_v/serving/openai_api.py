@@ -1,149 +1,182 @@
 """`minimind-v serve`: an OpenAI-compatible HTTP API (FastAPI) over the generation engine.
 
-    GET  /health                 liveness
+    GET  /health                 liveness (answered on the event loop at once, even while generation runs)
+    GET  /ready                  200 when the model is loaded and the engine's worker takes requests, else 503
     GET  /v1/models              the one model served
     POST /v1/chat/completions    OpenAI chat format: text and image_url content parts, stream (server-sent events),
                                  temperature, top_p, max_tokens / max_completion_tokens, stop, seed
                                  (+ top_k and repetition_penalty, as vLLM accepts them)
 
-Every bad request gets a 4xx with an OpenAI-style body {"error": {"message", "type", "param", "code"}}. Requests
-queue on the engine's lock, so concurrent clients never share a KV cache.
+A request's path: body (size-bounded, asgi.py; large ones read a few at a time) -> JSON parsed and images decoded
+to pixel values in a small thread pool (image_input.py) -> prompt checked -> one engine worker thread (worker.py;
+a bounded queue, full: 503 server_busy). A client that disconnects cancels its request at the next decode step,
+streaming or not. Every error is an OpenAI-style body {"error": {"message", "type", "param", "code"}}; an error in
+the middle of a stream ends it with `data: {"error": ...}` and `data: [DONE]`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import asyncio
+import contextlib
 import json
-import os
+import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Literal
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..data.processing import IMAGE_MARKER
-from ..generation import Engine, GenerationRequest, RequestError, SamplingParams
-from .chat import open_image
+from ..generation import (Engine, EngineWorker, GenerationRequest, Job, RequestError, SamplingError, SamplingParams,
+                          ServerBusy, WorkerStopped)
+from .asgi import CancellableStream, RequestGuard, RequestTooLarge
+from .image_input import ImageDecoder
+from .protocol import APIError, ChatCompletionRequest, ContentPart, ServerSettings, error_body, error_json
+
+logger = logging.getLogger(__name__)
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
+LARGE_BODY = 2**20  # bodies over this many bytes are read a few at a time (ImageDecoder.slots)
 
 
-@dataclass
-class ServerSettings:
-    model_name: str = "minimind-v"
-    api_key: str | None = None
-    local_image_root: str | None = None  # local file paths are read only from under this folder, when set
-    fetch_remote_images: bool = False  # http(s) image URLs are refused unless this is set
-    max_images: int = 4
-    max_image_bytes: int = 10 * 2**20
-    default_max_tokens: int = 256
+def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
+    """The app, with its engine worker (app.state.worker) and image decoder; both stop at the app's shutdown."""
+    worker = EngineWorker(engine, settings.max_queue, settings.max_batch)
+    decoder = ImageDecoder(engine, settings)
+
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        worker.stop(timeout=30)  # in-flight jobs are cancelled: this waits one decode step at most
+        decoder.close()
+
+    app = FastAPI(title="minimind-v", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.worker = worker
+    app.add_middleware(RequestGuard, api_key=settings.api_key, limit=settings.body_limit)
+    add_error_handlers(app)
+    add_info_routes(app, settings, worker)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, engine, settings, worker, decoder)
+
+    return app
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
+def add_info_routes(app: FastAPI, settings: ServerSettings, worker: EngineWorker) -> None:
+    """/health, /ready and /v1/models: answered on the event loop, never behind generation."""
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_name}
+
+    @app.get("/ready")
+    async def ready():
+        if not worker.alive:
+            return error_body(503, "the engine worker is not running", "not_ready")
+        return {"status": "ready", "model": settings.model_name, "waiting": worker.waiting}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "minimind-v"}]}
 
 
-class ImageURL(BaseModel):
-    url: str
-    detail: str | None = None
-
-
-class ContentPart(BaseModel):
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | None = None
-
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    seed: int | None = None
-    n: int = 1
-
-
-def error_body(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
-
-
-def load_image_url(url: str, settings: ServerSettings):
-    """A data: URL (base64) or, when allowed, a local path -> RGB image; APIError otherwise."""
-    if url.startswith(("http://", "https://")):
-        if not settings.fetch_remote_images:
-            raise APIError(400, "remote image URLs are not fetched by this server (start it with "
-                                "--fetch-remote-images); send the image as a data:image/...;base64 URL",
-                           "remote_url_refused", "messages")
-        return _image(fetch(url, settings.max_image_bytes))
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if not header.endswith(";base64") or not payload:
-            raise APIError(400, "image data URLs must be data:<type>;base64,<data>", "invalid_image_url", "messages")
-        if len(payload) * 3 // 4 > settings.max_image_bytes:
-            raise APIError(413, f"image is over the {settings.max_image_bytes} byte limit", "image_too_large",
-                           "messages")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, "image data URL is not valid base64", "invalid_base64", "messages") from None
-        return _image(data)
-    path = url.removeprefix("file://")
-    root = settings.local_image_root
-    if root is None:
-        raise APIError(400, "local image paths are refused (start the server with --allow-local-images DIR)",
-                       "local_path_refused", "messages")
-    full = os.path.realpath(os.path.join(root, path))
-    if os.path.commonpath([full, os.path.realpath(root)]) != os.path.realpath(root):
-        raise APIError(400, f"image path {path!r} is outside the allowed folder", "local_path_refused", "messages")
-    if os.path.isfile(full) and os.path.getsize(full) > settings.max_image_bytes:
-        raise APIError(413, f"image is over the {settings.max_image_bytes} byte limit", "image_too_large", "messages")
-    return _image(full)
-
-
-def fetch(url: str, limit: int) -> bytes:
-    import urllib.error
-    import urllib.request
-
+async def complete(request: Request, engine: Engine, settings: ServerSettings, worker: EngineWorker,
+                   decoder: ImageDecoder):
+    """POST /v1/chat/completions: a stream of events, or the whole answer once it is done; a client that leaves
+    cancels its request."""
+    generation_request, stream, usage = await prepare(request, engine, settings, decoder)
+    if await request.is_disconnected():  # gone while its images were decoded: nothing to queue
+        raise APIError(400, "the client disconnected", "client_disconnected")
+    job = submit(worker, generation_request)
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+    if stream:
+        return CancellableStream(sse_events(job, meta, usage), job.cancel, media_type="text/event-stream")
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            data = response.read(limit + 1)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise APIError(400, f"could not fetch image {url}: {err}", "image_fetch_failed", "messages") from None
-    if len(data) > limit:
-        raise APIError(413, f"image is over the {limit} byte limit", "image_too_large", "messages")
-    return data
+        result = await finished_or_gone(job, request)
+    finally:
+        job.cancel()  # the client left, the server is stopping, or (a no-op) the job is done
+    if result is None or result.finish_reason == "cancelled":
+        raise APIError(503, "the request was cancelled before it finished", "cancelled")
+    return {**meta, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "finish_reason": result.finish_reason}],
+            "usage": usage_of(result)}
 
 
-def _image(ref):
+async def prepare(request: Request, engine: Engine, settings: ServerSettings,
+                  decoder: ImageDecoder) -> tuple[GenerationRequest, bool, bool]:
+    """(the checked generation request, stream?, include usage?). A large body (over LARGE_BODY bytes, or of no
+    stated length) waits for one of the decoder's few slots before it is read - the client's upload waits in its
+    socket meanwhile - and its JSON (base64 images included) is dropped once the images are pixel values."""
+    length = request.headers.get("content-length", "")
+    large = not length.isdigit() or int(length) > LARGE_BODY
+    async with decoder.slots if large else contextlib.nullcontext():
+        body = await read_body(request, decoder)
+        if body.model != settings.model_name:
+            raise APIError(404, f"model {body.model!r} is not served here; this server serves "
+                                f"{settings.model_name!r}", "model_not_found", "model")
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported", "unsupported_n", "n")
+        usage = bool((body.stream_options or {}).get("include_usage"))
+        return await to_generation_request(body, settings, engine, decoder), body.stream, usage
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_, err: APIError):
+        return error_body(err.status, err.message, err.code, err.param, err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return error_body(err.status_code, str(err.detail), code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_, err: Exception):  # the server logs the traceback (Starlette re-raises to uvicorn)
+        return error_body(500, f"internal error: {type(err).__name__}", "internal_error")
+
+
+async def read_body(request: Request, decoder: ImageDecoder) -> ChatCompletionRequest:
+    """The request body (within the size limit), parsed and validated off the event loop."""
+    chunks = []
     try:
-        return open_image(ref)
-    except RequestError as err:
-        raise APIError(400, str(err), "invalid_image", "messages") from None
+        async for chunk in request.stream():
+            chunks.append(chunk)
+    except RequestTooLarge as err:
+        raise APIError(413, f"the request body is over this server's {err} byte limit", "request_too_large") from None
+    except ClientDisconnect:
+        raise APIError(400, "the client disconnected while sending the request", "client_disconnected") from None
+    raw = b"".join(chunks)
+    del chunks
+    try:
+        return await decoder.run(ChatCompletionRequest.model_validate_json, raw)
+    except ValidationError as err:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_request"
+        raise APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", code, where or None) from None
 
 
-def to_generation_request(body: ChatCompletionRequest, settings: ServerSettings) -> GenerationRequest:
-    messages, images = [], []
+def sampling_params(body: ChatCompletionRequest, settings: ServerSettings) -> SamplingParams:
+    """The request's sampling settings; 400 invalid_sampling_parameters naming the field when one is out of range."""
+    max_new, max_field = body.max_new_tokens(settings.default_max_tokens)
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    try:
+        return SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, repetition_penalty=body.repetition_penalty, stop=stop, seed=body.seed)
+    except SamplingError as err:
+        param = max_field if err.field == "max_new_tokens" else err.field
+        raise APIError(400, str(err).replace("max_new_tokens", param), "invalid_sampling_parameters", param) from None
+
+
+async def to_generation_request(body: ChatCompletionRequest, settings: ServerSettings, engine: Engine,
+                                decoder: ImageDecoder) -> GenerationRequest:
+    """Messages with `<image>` markers, sampling and pixel values of the images, checked cheapest first: image
+    count, sampling values and prompt length before any image is decoded, tokens last."""
+    messages, urls = [], []
     for message in body.messages:
         parts = ([ContentPart(type="text", text=message.content)] if isinstance(message.content, str)
                  else message.content or [])
@@ -151,83 +184,45 @@ def to_generation_request(body: ChatCompletionRequest, settings: ServerSettings)
         for part in parts:
             if part.type == "text":
                 text += part.text or ""
+            elif part.image_url is None:
+                raise APIError(400, "an image_url part needs an image_url object", "invalid_image_url", "messages")
             else:
-                if part.image_url is None:
-                    raise APIError(400, "an image_url part needs an image_url object", "invalid_image_url")
-                images.append(load_image_url(part.image_url.url, settings))
+                urls.append(part.image_url.url)
                 text += IMAGE_MARKER
         messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
-    if len(images) > settings.max_images:
-        raise APIError(400, f"{len(images)} images in one request; this server allows {settings.max_images}",
+    if len(urls) > settings.max_images:
+        raise APIError(400, f"{len(urls)} images in one request; this server allows {settings.max_images}",
                        "too_many_images", "messages")
-    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    request = GenerationRequest(messages=messages, params=sampling_params(body, settings))
     try:
-        params = SamplingParams(max_new_tokens=body.max_completion_tokens or body.max_tokens or
-                                settings.default_max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                top_k=body.top_k, repetition_penalty=body.repetition_penalty, stop=stop,
-                                seed=body.seed)
-    except ValueError as err:
-        raise APIError(400, str(err), "invalid_sampling_parameters") from None
-    return GenerationRequest(messages=messages, images=images, params=params)
+        engine.check_prompt_size(request)
+        request.images = [await decoder.pixels(url) for url in urls]
+        await decoder.run(engine.encode, request)  # image counts and context length, before any response starts
+    except RequestError as err:
+        raise APIError(400, str(err), "invalid_prompt", "messages") from None
+    return request
 
 
-def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
-    app = FastAPI(title="minimind-v", docs_url=None, redoc_url=None)
+def submit(worker: EngineWorker, request: GenerationRequest) -> Job:
+    try:
+        return worker.submit(request, asyncio.get_running_loop())
+    except ServerBusy as err:
+        raise APIError(503, f"the server is busy: {err}", "server_busy", headers={"Retry-After": "1"}) from None
+    except WorkerStopped as err:
+        raise APIError(503, str(err), "shutting_down") from None
 
-    @app.exception_handler(APIError)
-    async def api_error(_, err: APIError):
-        return error_body(err.status, err.message, err.code, err.param)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_request"
-        return error_body(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", code, where or None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, err: StarletteHTTPException):
-        return error_body(err.status_code, str(err.detail), "not_found" if err.status_code == 404 else "http_error")
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
-                return error_body(401, "missing or wrong API key (Authorization: Bearer <key>)", "invalid_api_key")
-        return await call_next(request)
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "model": settings.model_name}
-
-    @app.get("/v1/models")
-    def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "minimind-v"}]}
-
-    @app.post("/v1/chat/completions")
-    def chat_completions(body: ChatCompletionRequest):
-        if body.model != settings.model_name:
-            raise APIError(404, f"model {body.model!r} is not served here; this server serves "
-                                f"{settings.model_name!r}", "model_not_found", "model")
-        if body.n != 1:
-            raise APIError(400, "only n=1 is supported", "unsupported_n", "n")
-        request = to_generation_request(body, settings)
-        try:
-            engine.encode(request)  # image counts and context length, checked before any response starts
-        except RequestError as err:
-            raise APIError(400, str(err), "invalid_prompt", "messages") from None
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
-        if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(sse_chunks(engine, request, meta, usage), media_type="text/event-stream")
-        result = engine.generate([request])[0]
-        return {**meta, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": result.finish_reason}],
-                "usage": usage_of(result)}
-
-    return app
+async def finished_or_gone(job: Job, request: Request):
+    """The job's result; None as soon as the client has disconnected (checked every DISCONNECT_POLL_S)."""
+    task = asyncio.ensure_future(job.aresult())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                return None
+        return task.result()  # raises the engine's error, if any (-> 500 internal_error)
+    finally:
+        task.cancel()
 
 
 def usage_of(result) -> dict:
@@ -235,19 +230,33 @@ def usage_of(result) -> dict:
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
-def sse_chunks(engine: Engine, request: GenerationRequest, meta: dict, include_usage: bool):
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        body = {**meta, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def sse_events(job: Job, meta: dict, include_usage: bool):
+    """The job as chat.completion.chunk events: a role chunk, content deltas, the finish chunk (+ usage), [DONE]. An
+    engine error, or the job cancelled under a client that is still there (server shutdown), ends the stream with
+    an error event before [DONE]."""
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return _event({**meta, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
     yield chunk({"role": "assistant", "content": ""})
-    for delta in engine.stream([request]):
-        if delta.text:
-            yield chunk({"content": delta.text})
-        if delta.result is not None:
-            yield chunk({}, delta.result.finish_reason)
-            if include_usage:
-                body = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage_of(delta.result)}
-                yield f"data: {json.dumps(body)}\n\n"
+    finished = False
+    try:
+        async for delta in job:
+            if delta.text:
+                yield chunk({"content": delta.text})
+            if delta.result is not None and delta.result.finish_reason != "cancelled":
+                finished = True
+                yield chunk({}, delta.result.finish_reason)
+                if include_usage:
+                    yield _event({**meta, "object": "chat.completion.chunk", "choices": [],
+                                  "usage": usage_of(delta.result)})
+    except Exception as err:  # the worker has logged it with its traceback
+        yield _event(error_json(500, f"generation failed: {type(err).__name__}: {str(err)[:200]}", "internal_error"))
+        finished = True
+    if not finished:
+        yield _event(error_json(503, "the request was cancelled before it finished", "cancelled"))
     yield "data: [DONE]\n\n"

@@ -1,0 +1,35 @@
+"""The command-line options of `minimind-v serve` and the server settings they make (standard library only, so
+the CLI builds its parser without importing the server)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", help="the id clients ask for (default: the folder's name)")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MINIMIND_V_API_KEY)")
+    parser.add_argument("--allow-local-images", metavar="DIR", help="accept image paths under DIR")
+    parser.add_argument("--fetch-remote-images", action="store_true", help="download http(s) image URLs")
+    parser.add_argument("--max-images", type=int, default=4)
+    parser.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
+    parser.add_argument("--max-body-bytes", type=int,
+                        help="largest request body (default: room for --max-images base64 images, + 1 MiB)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting for the engine; more are answered 503 server_busy")
+    parser.add_argument("--max-batch", type=int, default=1,
+                        help="decode up to this many waiting requests together as one batch")
+    parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="on SIGTERM/SIGINT, how long in-flight requests may finish before they are cancelled")
+
+
+def settings_fields(args: argparse.Namespace, environ: Mapping[str, str]) -> dict:
+    """ServerSettings fields from the parsed options (and MINIMIND_V_API_KEY in `environ`)."""
+    return dict(model_name=args.model_name or args.model.rstrip("/").split("/")[-1],
+                api_key=args.api_key or environ.get("MINIMIND_V_API_KEY"),
+                local_image_root=args.allow_local_images, fetch_remote_images=args.fetch_remote_images,
+                max_images=args.max_images, max_image_bytes=args.max_image_bytes, max_queue=args.max_queue,
+                max_batch=args.max_batch, max_body_bytes=args.max_body_bytes)
