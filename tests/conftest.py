@@ -89,6 +89,19 @@ def tiny_config(**overrides) -> MiniMindVConfig:
     return MiniMindVConfig(**{**base, **overrides})
 
 
+@pytest.fixture(scope="session")
+def model_dir(clip_dir, tokenizer, tmp_path_factory):
+    """A tiny random VLM saved as a model folder (tokenizer included), and blue.png beside it."""
+    from minimind_v import MiniMindVLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("saved") / "model"
+    MiniMindVLM(tiny_config(vocab_size=len(tokenizer)), vision_model_path=clip_dir).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Image.new("RGB", (40, 30), (20, 120, 220)).save(path.parent / "blue.png")
+    return path
+
+
 # --- a tiny training workspace (text JSONL + conversation parquet + CLIP tower), shared by the training tests
 
 MODEL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, intermediate_size=96,

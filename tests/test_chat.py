@@ -8,23 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config
-from minimind_v import MiniMindVLM
 from minimind_v.cli import main
 from minimind_v.generation import Engine, GenerationRequest, RequestError, SamplingParams
 from minimind_v.serving.chat import ChatSession
 
 pexpect = pytest.importorskip("pexpect")
-
-
-@pytest.fixture(scope="module")
-def model_dir(clip_dir, tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("chat") / "model"
-    MiniMindVLM(tiny_config(vocab_size=len(tokenizer)), vision_model_path=clip_dir).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    Image.new("RGB", (40, 30), (20, 120, 220)).save(path.parent / "blue.png")
-    return path
 
 
 def engine_for(model_dir) -> Engine:

@@ -7,11 +7,8 @@ import struct
 import zlib
 
 import pytest
-import torch
 from PIL import Image
 
-from conftest import build_tokenizer, tiny_config
-from minimind_v import MiniMindVLM
 from minimind_v.cli import main
 from minimind_v.data.skips import SkipStats
 from minimind_v.evaluate import load_qa_jsonl
@@ -28,16 +25,6 @@ def header_only_png(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
         chunk(b"IEND", b"")
-
-
-@pytest.fixture(scope="module")
-def model_dir(clip_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    MiniMindVLM(tiny_config(vocab_size=len(tokenizer)), vision_model_path=clip_dir).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture
@@ -73,7 +60,7 @@ def test_bad_items_are_skipped_with_file_and_line(hostile, caplog):
 
 
 def test_cli_eval_scores_what_it_can_and_counts_the_rest(model_dir, hostile, capsys):
-    assert main(["eval", "--model", model_dir, "--data", str(hostile / "qa.jsonl"), "--image-root",
+    assert main(["eval", "--model", str(model_dir), "--data", str(hostile / "qa.jsonl"), "--image-root",
                  str(hostile)]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
@@ -86,8 +73,8 @@ def test_cli_eval_scores_what_it_can_and_counts_the_rest(model_dir, hostile, cap
 def test_a_file_with_nothing_usable_is_an_error(model_dir, tmp_path, capsys, content):
     path = tmp_path / "qa.jsonl"
     path.write_text(content)
-    assert main(["eval", "--model", model_dir, "--data", str(path)]) == 2
+    assert main(["eval", "--model", str(model_dir), "--data", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0] and "no usable question/answer item" in err[0]
-    assert main(["eval", "--model", model_dir, "--data", str(tmp_path / "nothing.jsonl")]) == 2
+    assert main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "nothing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -8,28 +8,14 @@ import threading
 import time
 
 import pytest
-import torch
-from PIL import Image
 
 pytest.importorskip("uvicorn")
 psutil = pytest.importorskip("psutil")
 
-from conftest import tiny_config  # noqa: E402
-from minimind_v import MiniMindVLM  # noqa: E402
 from minimind_v.cli import main  # noqa: E402
 from minimind_v.serving.loadtest import start_server  # noqa: E402
 
 DRAIN = 2.0
-
-
-@pytest.fixture(scope="module")
-def model_dir(clip_dir, tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("serve") / "model"
-    MiniMindVLM(tiny_config(vocab_size=len(tokenizer)), vision_model_path=clip_dir).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    Image.new("RGB", (40, 30), (20, 120, 220)).save(path.parent / "blue.png")
-    return path
 
 
 class Stream(threading.Thread):
