@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from .device import pick_device
 from .evaluate import QAItem, evaluate
-from .training.features import ImageFeatures, bytes_key, tower_id
+from .models.image_features import ImageFeatures, bytes_key, tower_id
 from .models.vision_tower import to_rgb
 
 COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}

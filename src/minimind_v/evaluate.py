@@ -21,7 +21,7 @@ from .data.processing import IMAGE_MARKER
 from .data.skips import BAD_JSON, BAD_RECORD, SkipRecord, SkipStats
 
 UNUSABLE_PROMPT = "question the model cannot take"
-from .training.features import ImageFeatures, pixel_key
+from .models.image_features import ImageFeatures, pixel_key
 
 _PUNCTUATION = set(string.punctuation) | set("。，！？；：“”‘’（）、")
 

@@ -14,13 +14,13 @@ work_side^2 x 3 bytes (3 MiB at 1024), whatever was uploaded; the towers read 22
 
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 from dataclasses import dataclass
 
 from PIL import Image
 
+from ..models.image_features import bytes_key
 from ..models.vision_tower import to_rgb
 from .skips import CORRUPT_IMAGE, DECOMPRESSION_BOMB, IMAGE_SHAPE, MISSING_IMAGE, SkipRecord, SkipStats
 
@@ -74,7 +74,7 @@ def load_image(ref: bytes | str, limits: ImageLimits = DEFAULT_LIMITS,
             image = to_rgb(image)
         except ValueError as err:
             raise SkipRecord(CORRUPT_IMAGE, str(err)) from None
-    return working_size(image, limits.work_side), hashlib.sha256(data).hexdigest()
+    return working_size(image, limits.work_side), bytes_key(data)
 
 
 def working_size(image: Image.Image, side: int) -> Image.Image:

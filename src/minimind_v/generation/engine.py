@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..data.processing import IMAGE_MARKER, chat_prompt, check_placeholders, expand_image_markers
 from ..models.vision_tower import image2tensor
-from ..training.features import ImageFeatures
+from ..models.image_features import ImageFeatures
 from .kv_cache import PreallocatedCache
 from .sampling import SamplingParams, TokenChooser
 from .static_decode import DecoderPool, static_possible

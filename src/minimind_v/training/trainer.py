@@ -35,8 +35,8 @@ from ..data.datasets import IGNORE_INDEX, ConversationDataset, TextDataset
 from ..data.skips import SkipStats
 from ..data.batching import collate, pack
 from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_device
-from .features import ImageFeatures, tower_id
 from ..models.attention import PackedMask, varlen_ready
+from ..models.image_features import ImageFeatures, tower_id
 from ..models.vision_tower import image2tensor
 from ..models.vlm import MiniMindVLM, build_vlm, load_vlm
 

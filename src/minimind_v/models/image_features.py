@@ -1,8 +1,8 @@
-"""Image features for training and evaluation, with an optional cache.
+"""The frozen tower's features of images, with an optional cache: what training, evaluation and generation read.
 
 A frozen tower gives the same features for the same image every time, so `ImageFeatures` keys them by the image's
-content (sha256 of its encoded bytes, from the data module) and by the tower (`tower_id`), computes only what is
-missing, and can keep them on disk (`<dir>/<tower_id>.safetensors`, fp16) so that later epochs, stages and runs
+content (`bytes_key`: sha256 of its encoded bytes, the one place that key is computed) and by the tower
+(`tower_id`), computes only what is missing, and can keep them on disk (`<dir>/<tower_id>.safetensors`, fp16) so that later epochs, stages and runs
 skip the tower entirely.
 """
 
@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..models.vision_tower import VisionTower, image2tensor
+from .vision_tower import VisionTower, image2tensor
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def tower_id(config) -> str:
 
 
 def bytes_key(data: bytes) -> str:
-    """The cache key of an encoded image: sha256 of its bytes (as the data module computes it)."""
+    """The cache key of an encoded image: sha256 of its bytes."""
     return hashlib.sha256(data).hexdigest()
 
 
