@@ -91,3 +91,19 @@ def test_image2tensor_shape_and_bad_input(clip_dir):
         image2tensor(np.zeros((4, 4, 3)), tower.processor)
     with pytest.raises(ValueError, match="no image processor"):
         image2tensor(image, None)
+
+
+def test_feature_caches_of_towers_that_give_other_token_counts_are_apart():
+    """Two cross_attn configs that differ only in vision_tokens feed EfficientNet-Lite0 other input sizes: their
+    features must not share a cache file (they did when the key used the placeholder run's length)."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from minimind_v import MiniMindVConfig
+    from minimind_v.models.image_features import tower_id
+    from minimind_v.models.vision_tower import load_vision_tower
+
+    configs = [MiniMindVConfig(projector_type="cross_attn", vision_tokens=n, ve_hidden_size=1280,
+                               vision_tower_path="efficientnet-lite0", image_special_token="@" * 8,
+                               image_ids=[34] * 8) for n in (16, 49)]
+    towers = [load_vision_tower("efficientnet-lite0", num_tokens=n) for n in (16, 49)]
+    assert tower_id(configs[0], towers[0]) != tower_id(configs[1], towers[1])
+    assert tower_id(configs[0], towers[0]) == tower_id(configs[0], load_vision_tower("efficientnet-lite0", num_tokens=16))

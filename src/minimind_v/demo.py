@@ -174,7 +174,7 @@ def run_demo(out: str = "minimind-v-demo", size_name: str = "default", echo=prin
         previous = os.path.join(stage_out, "model")
     model = load_vlm(previous).eval().to(pick_device())
     tokenizer = load_tokenizer(previous)
-    features = ImageFeatures(model.vision_tower, cache, tower_id(model.config))
+    features = ImageFeatures(model.vision_tower, cache, tower_id(model.config, model.vision_tower))
     report = evaluate(model, tokenizer, test_items(size.limit), features, batch_size=256, max_new_tokens=4)
     report["photos"] = photo_answers(model, tokenizer, features)
     report["seconds"] = round(time.time() - start, 1)

@@ -22,9 +22,10 @@ from .vision_tower import VisionTower, image2tensor
 logger = logging.getLogger(__name__)
 
 
-def tower_id(config) -> str:
-    """What identifies a tower's features: where it comes from, its kind and its token count."""
-    text = f"{config.vision_tower_path}|{config.vision_tower_kind}|{config.image_token_len}|{config.ve_hidden_size}"
+def tower_id(config, tower: VisionTower) -> str:
+    """What identifies a tower's features: where it comes from, its kind, and the tokens and width it gives (the
+    tower's own count: a cross_attn projector's placeholder run says nothing about it)."""
+    text = f"{config.vision_tower_path}|{config.vision_tower_kind}|{tower.num_tokens}|{tower.hidden_size}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -133,7 +133,7 @@ class Trainer:
         self.stats = SkipStats()
         self.dataset = make_dataset(args, self.tokenizer, self.model, self.stats, self.max_seq_len)
         tower = self.model.vision_tower
-        self.features = (ImageFeatures(tower, args.feature_cache, tower_id(config)) if tower is not None else None)
+        self.features = (ImageFeatures(tower, args.feature_cache, tower_id(config, tower)) if tower is not None else None)
         if self.features is not None and args.num_workers > 0 and args.feature_cache is None:  # in the workers
             half = torch.float16 if self.device.type == "cuda" else torch.float32  # half the bytes to ship
             self.dataset.transform = functools.partial(pixel_values, processor=tower.processor, dtype=half)
