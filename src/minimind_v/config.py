@@ -18,6 +18,8 @@ from typing import Any
 from transformers import PretrainedConfig
 from transformers.generation import GenerationConfig
 
+IMAGE_MARKER = "<image>"  # where an image goes in a prompt; it becomes the image's placeholder run
+IGNORE_INDEX = -100  # the label of a position that carries no loss (the Hugging Face convention)
 PROJECTOR_TYPES = ("linear", "mlp", "cross_attn")
 VISION_TOWER_KINDS = ("auto", "clip", "siglip", "efficientnet")
 

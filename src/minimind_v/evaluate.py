@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from .data.images import DEFAULT_LIMITS, ImageLimits, load_image
-from .data.processing import IMAGE_MARKER
+from .config import IMAGE_MARKER
 from .data.skips import BAD_JSON, BAD_RECORD, SkipRecord, SkipStats
 
 UNUSABLE_PROMPT = "question the model cannot take"

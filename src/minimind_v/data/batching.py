@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .datasets import IGNORE_INDEX, Sample
+from ..config import IGNORE_INDEX
+from .datasets import Sample
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:

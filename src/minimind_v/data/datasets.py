@@ -29,14 +29,13 @@ from jinja2 import TemplateError
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..config import MiniMindVConfig
+from ..config import IGNORE_INDEX, IMAGE_MARKER, MiniMindVConfig
 from .images import DEFAULT_LIMITS, ImageLimits, load_image
-from .processing import IMAGE_MARKER, expand_image_markers
+from .processing import expand_image_markers
 from .skips import (ASSISTANT_FIRST, BAD_JSON, BAD_RECORD, EMPTY_ASSISTANT, EMPTY_CONVERSATION, EMPTY_TEXT, MARKER_MISMATCH,
                     NO_SUPERVISION, PLACEHOLDER_MISMATCH, TEMPLATE_ERROR, TOO_LONG, TRUNCATED, WRONG_KIND,
                     SkipRecord, SkipStats)
 
-IGNORE_INDEX = -100
 SUPPORTED_EXTENSIONS = (".parquet", ".json", ".jsonl")
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import MiniMindVConfig
-
-IMAGE_MARKER = "<image>"
+from ..config import IMAGE_MARKER, MiniMindVConfig
 
 
 def placeholder_text(config: MiniMindVConfig) -> str:

@@ -23,9 +23,10 @@ from typing import Iterable, Iterator
 import torch
 from PIL import Image
 
-from ..data.processing import IMAGE_MARKER, chat_prompt, check_placeholders, expand_image_markers
-from ..models.vision_tower import image2tensor
+from ..config import IMAGE_MARKER
+from ..data.processing import chat_prompt, check_placeholders, expand_image_markers
 from ..models.image_features import ImageFeatures
+from ..models.vision_tower import image2tensor
 from .kv_cache import PreallocatedCache
 from .sampling import SamplingParams, TokenChooser
 from .static_decode import DecoderPool, static_possible

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from ..data.processing import IMAGE_MARKER
+from ..config import IMAGE_MARKER
 from .engine import Engine, GenerationRequest
 from .sampling import SamplingParams
 

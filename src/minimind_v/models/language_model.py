@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..config import MiniMindVConfig
+from ..config import IGNORE_INDEX, MiniMindVConfig
 from .attention import Attention, build_attention_mask
 from .mlp import MLP, MoEFeedForward, MoEGate
 from .norm import RMSNorm
@@ -152,4 +152,4 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tens
     """Next-token cross-entropy: logits [B, L, V] at position t predict labels [B, L] at t + 1; -100 is ignored."""
     shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)

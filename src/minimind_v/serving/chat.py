@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..data.images import DEFAULT_LIMITS, ImageLimits, load_image
 from ..data.skips import SkipRecord
-from ..data.processing import IMAGE_MARKER
+from ..config import IMAGE_MARKER
 from ..generation import Engine, GenerationRequest, GenerationResult, RequestError, SamplingParams
 
 HELP = ("commands: /image PATH  attach an image to your next message (repeatable)\n"

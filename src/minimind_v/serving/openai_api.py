@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..data.processing import IMAGE_MARKER
+from ..config import IMAGE_MARKER
 from ..generation import (Engine, EngineWorker, GenerationRequest, Job, RequestError, SamplingError, SamplingParams,
                           ServerBusy, WorkerStopped)
 from .asgi import CancellableStream, RequestGuard, RequestTooLarge

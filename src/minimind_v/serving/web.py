@@ -5,7 +5,7 @@ its answer is cancelled when Gradio closes the turn, and is only a finite job on
 
 from __future__ import annotations
 
-from ..data.processing import IMAGE_MARKER
+from ..config import IMAGE_MARKER
 from ..generation import Engine, EngineWorker, GenerationRequest, SamplingParams, ServerBusy, WorkerStopped
 
 

@@ -25,20 +25,33 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpointing import check_settings, load_resume_state, open_run_folder, save_checkpoint
-from .loss import chunked_summed_loss, summed_loss
-from .optim import (apply_freeze, count_parameters, hold_frozen_in, lr_factor, make_optimizer, micro_batches,
-                    step_batches)
-from .guards import SkipGuard, StopRequest, TrainingInterrupted, check_finite_loss
-from .runlog import RunLog
-from ..data.datasets import IGNORE_INDEX, ConversationDataset, TextDataset
-from ..data.skips import SkipStats
+from ..config import IGNORE_INDEX
 from ..data.batching import collate, pack
+from ..data.datasets import ConversationDataset, TextDataset
+from ..data.skips import SkipStats
 from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_device
 from ..models.attention import PackedMask, varlen_ready
 from ..models.image_features import ImageFeatures, tower_id
 from ..models.vision_tower import image2tensor
 from ..models.vlm import MiniMindVLM, build_vlm, load_vlm
+from .checkpointing import (
+    check_settings,
+    load_resume_state,
+    open_run_folder,
+    save_checkpoint,
+)
+from .guards import SkipGuard, StopRequest, TrainingInterrupted, check_finite_loss
+from .loss import chunked_summed_loss, summed_loss
+from .optim import (
+    apply_freeze,
+    count_parameters,
+    hold_frozen_in,
+    lr_factor,
+    make_optimizer,
+    micro_batches,
+    step_batches,
+)
+from .runlog import RunLog
 
 STAGES = {"pretrain-llm": dict(freeze=0, text=True), "pretrain-vlm": dict(freeze=2, text=False),
           "sft": dict(freeze=1, text=False)}
