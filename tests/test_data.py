@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 from conftest import CHATML, GENERATOR, build_tokenizer, tiny_config
 from minimind_v.data.batching import collate
 from minimind_v.config import IGNORE_INDEX
-from minimind_v.data.datasets import (ConversationDataset, Sample, TextDataset, iter_records,
-                                      tokenize_conversation)
+from minimind_v.data.datasets import ConversationDataset, Sample, TextDataset
+from minimind_v.data.processing import tokenize_conversation
+from minimind_v.data.records import iter_records
 from minimind_v.data.images import ImageLimits, load_image
 from minimind_v.data.skips import SkipRecord, SkipStats
 

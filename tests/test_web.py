@@ -15,7 +15,7 @@ playwright = pytest.importorskip("playwright.sync_api")
 
 from conftest import tiny_config  # noqa: E402
 from minimind_v import MiniMindVLM  # noqa: E402
-from minimind_v.data.datasets import tokenize_conversation  # noqa: E402
+from minimind_v.data.processing import tokenize_conversation  # noqa: E402
 from minimind_v.generation import Engine, EngineWorker, GenerationRequest, SamplingParams  # noqa: E402
 from minimind_v.serving.web import build_app, empty_history, respond  # noqa: E402
 from test_server import free_port  # noqa: E402
