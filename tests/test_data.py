@@ -459,3 +459,12 @@ def test_skip_stats_summary_merge_and_rate_limited_logging(caplog):
     for part in ("7 corrupt image", "4 too long", "1 missing image file", "1 bad json", "converted: 1 RGBA->RGB"):
         assert part in text
     assert SkipStats().summary() == "skipped 0 records"
+
+
+def test_a_damaged_parquet_or_one_without_text_is_one_clear_error(tmp_path, tokenizer):
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really a parquet file")
+    with pytest.raises(ValueError, match="cannot read parquet file .*broken.parquet"):
+        dataset(tmp_path / "broken.parquet", tokenizer)
+    pq.write_table(pa.table({"image_bytes": pa.array([png()], type=pa.binary())}), tmp_path / "images.parquet")
+    with pytest.raises(ValueError, match="has no 'conversations' or 'text' column"):
+        dataset(tmp_path / "images.parquet", tokenizer)

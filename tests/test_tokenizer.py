@@ -14,7 +14,8 @@ import tokenizers
 from transformers import AutoTokenizer
 
 from minimind_v import MiniMindVConfig
-from minimind_v.data.tokenizer import (CHAT_TEMPLATE, MIN_VOCAB_SIZE, SPECIAL_TOKENS, CorpusStats, build_default_tokenizer,
+from minimind_v.data.skips import SkipStats
+from minimind_v.data.tokenizer import (CHAT_TEMPLATE, MIN_VOCAB_SIZE, SPECIAL_TOKENS, build_default_tokenizer,
                                   default_tokenizer_path, image_placeholder_config, iter_text_files, load_tokenizer,
                                   train_from_files, train_tokenizer)
 
@@ -175,20 +176,23 @@ def test_iter_text_files(tmp_path):
     listed = tmp_path / "d.parquet"
     pq.write_table(pa.table({"conversations": [[{"role": "user", "content": "lq"}, {"role": "assistant",
                                                                                        "content": "la"}]]}), listed)
-    stats = CorpusStats()
+    stats = SkipStats()
     texts = list(iter_text_files([txt, jsonl, parquet, str(listed)], stats))
     assert texts == ["first line", "second line", "plain text", "q1", "a1", "q2", "pq1", "pa1", "pq2", "lq", "la"]
-    assert stats.files == 4 and stats.texts == len(texts)
-    assert stats.skipped == {"bad json": 1, "no text or conversations": 3, "not UTF-8": 1}
-    assert "skipped 5" in stats.summary()
+    assert stats.total == 2 + 7 + 3 + 1  # the records read: lines of text and JSON, rows of parquet
+    assert stats.counts == {"bad json": 3, "bad record": 2}  # the bad UTF-8 line is bad JSON as training reads it
+    assert "skipped 5 of 13 records" in stats.summary()
     assert list(iter_text_files([tmp_path])) == texts  # a folder: its files, sorted
 
 
 def test_iter_text_files_text_column_and_errors(tmp_path):
     parquet = tmp_path / "t.parquet"
     pq.write_table(pa.table({"text": ["one", None, "two"]}), parquet)
-    stats = CorpusStats()
-    assert list(iter_text_files([parquet], stats)) == ["one", "two"] and stats.n_skipped == 1
+    stats = SkipStats()
+    assert list(iter_text_files([parquet], stats)) == ["one", "two"] and stats.counts == {"bad record": 1}
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe\n")
+    stats = SkipStats()
+    assert list(iter_text_files([tmp_path / "bad.txt"], stats)) == ["fine"] and stats.counts == {"not UTF-8": 1}
     with pytest.raises(FileNotFoundError):
         list(iter_text_files([tmp_path / "missing.txt"]))
     (tmp_path / "x.csv").write_text("a,b\n")

@@ -23,15 +23,17 @@ from .skips import (ASSISTANT_FIRST, BAD_JSON, BAD_RECORD, EMPTY_ASSISTANT, EMPT
                     WRONG_KIND, SkipRecord, SkipStats)
 
 SUPPORTED_EXTENSIONS = (".parquet", ".json", ".jsonl")
+TEXT_FIELDS = ("conversations", "messages", "text")
+IMAGE_FIELDS = ("image_bytes", "images", "image")
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 
 
 
-def iter_records(path: str | os.PathLike, image_root: str | None = None,
-                 stats: SkipStats | None = None) -> Iterator[dict]:
+def iter_records(path: str | os.PathLike, image_root: str | None = None, stats: SkipStats | None = None,
+                 text_only: bool = False) -> Iterator[dict]:
     """Yield every record of a data file, normalised (see the module docstring). Records that cannot be parsed are
     counted in `stats` ("bad json", "bad record") and not yielded. Image paths come back absolute, resolved against
-    `image_root` (default: the data file's folder)."""
+    `image_root` (default: the data file's folder). `text_only`: the images are not read (empty lists)."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in SUPPORTED_EXTENSIONS:
@@ -41,25 +43,36 @@ def iter_records(path: str | os.PathLike, image_root: str | None = None,
         raise FileNotFoundError(f"data file {path!r} does not exist")
     stats = stats if stats is not None else SkipStats()
     base = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
-    rows = _parquet_rows(path) if ext == ".parquet" else _json_rows(path, whole_file=ext == ".json")
+    rows = _parquet_rows(path, text_only) if ext == ".parquet" else _json_rows(path, whole_file=ext == ".json")
     for n, row in enumerate(rows, 1):
         stats.total += 1
         try:
             if isinstance(row, SkipRecord):
                 raise row
-            record = _normalise_record(row, base)
+            record = _normalise_record({k: v for k, v in row.items() if k not in IMAGE_FIELDS} if text_only else row,
+                                       base)
         except SkipRecord as skip:
             stats.add(skip.reason, f"{path} record {n}: {skip.detail}")
             continue
         yield record
 
 
-def _parquet_rows(path: str) -> Iterator[dict]:
+def _parquet_rows(path: str, text_only: bool = False) -> Iterator[dict]:
+    """The file's rows as dicts (only the text columns when `text_only`); ValueError for a file that is not parquet
+    or has no column of text."""
     try:
         import pyarrow.parquet as pq
     except ImportError as err:
         raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from err
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    try:
+        reader = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid or OSError for a damaged or non-parquet file
+        raise ValueError(f"cannot read parquet file {path}: {err}") from None
+    names = reader.schema_arrow.names
+    if not set(TEXT_FIELDS) & set(names):
+        raise ValueError(f"parquet file {path} has no 'conversations' or 'text' column (columns: {names})")
+    columns = [name for name in names if name in TEXT_FIELDS] if text_only else None
+    for batch in reader.iter_batches(batch_size=1024, columns=columns):
         yield from batch.to_pylist()
 
 
@@ -117,7 +130,7 @@ def _turn(turn: object) -> dict[str, str]:
 
 def _image_refs(raw: dict, image_dir: str) -> list[bytes | str]:
     """The record's images as encoded bytes or absolute paths, from image_bytes / images / image."""
-    value = next((raw[k] for k in ("image_bytes", "images", "image") if raw.get(k) is not None), None)
+    value = next((raw[k] for k in IMAGE_FIELDS if raw.get(k) is not None), None)
     items = [] if value is None else value if isinstance(value, (list, tuple)) else [value]
     refs = []
     for item in items:

@@ -17,6 +17,7 @@ LOGGED_PER_REASON = 5
 
 # skip reasons
 BAD_JSON = "bad json"
+NOT_UTF8 = "not UTF-8"
 BAD_RECORD = "bad record"
 WRONG_KIND = "wrong record kind"
 EMPTY_CONVERSATION = "empty conversation"

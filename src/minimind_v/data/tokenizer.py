@@ -24,15 +24,11 @@ from __future__ import annotations
 import ast
 import codecs
 import hashlib
-import json
-import logging
 import os
 import platform
 import re
 import sys
 import sysconfig
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -40,7 +36,8 @@ import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-logger = logging.getLogger(__name__)
+from .records import SUPPORTED_EXTENSIONS, iter_records
+from .skips import NOT_UTF8, SkipStats
 
 PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|im_start|>"
@@ -61,9 +58,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TEXT_SUFFIXES = (".txt", *SUPPORTED_EXTENSIONS)
 DEFAULT_VOCAB_SIZE = 2048
-_LOGGED_PER_REASON = 3
 
 
 # --------------------------------------------------------------------------------------------------------- training
@@ -120,17 +116,23 @@ def wrap_tokenizer(bpe: Tokenizer) -> PreTrainedTokenizerFast:
 
 def train_from_files(files: str | os.PathLike | Iterable[str | os.PathLike], vocab_size: int = 6400,
                      out_dir: str | os.PathLike = "tokenizer", min_frequency: int = 2) -> str:
-    """`minimind-v tokenizer train`: train on .txt/.jsonl/.parquet files (see `iter_text_files`), save to `out_dir`,
+    """`minimind-v tokenizer train`: train on .txt/.json/.jsonl/.parquet files (see `iter_text_files`), save to `out_dir`,
     return a one-paragraph summary (vocab size, texts read, skipped records, output folder)."""
     paths = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     if not paths:
         raise ValueError("no data files given")
-    stats = CorpusStats()
-    tokenizer = train_tokenizer(iter_text_files(paths, stats), vocab_size, out_dir, min_frequency)
-    if stats.texts == 0:
+    stats, read = SkipStats(), []
+
+    def counted() -> Iterator[str]:
+        for text in iter_text_files(paths, stats):
+            read.append(len(text))
+            yield text
+
+    tokenizer = train_tokenizer(counted(), vocab_size, out_dir, min_frequency)
+    if not read:
         raise ValueError(f"no text found in {', '.join(map(os.fspath, paths))} ({stats.summary()})")
     lines = [f"trained a byte-level BPE tokenizer: vocab size {len(tokenizer)} (asked for {vocab_size})",
-             f"corpus: {stats.summary()}",
+             f"corpus: {len(read)} texts ({sum(read):,} characters); {stats.summary()}",
              "special tokens: " + ", ".join(f"{t}={i}" for i, t in enumerate(SPECIAL_TOKENS)),
              f"saved to {os.path.abspath(out_dir)}"]
     if len(tokenizer) < vocab_size:
@@ -140,55 +142,20 @@ def train_from_files(files: str | os.PathLike | Iterable[str | os.PathLike], voc
 
 # ---------------------------------------------------------------------------------------------------- reading text
 
-@dataclass
-class CorpusStats:
-    """What `iter_text_files` read: files, records (lines or rows), texts yielded, and skipped records by reason."""
-
-    files: int = 0
-    records: int = 0
-    texts: int = 0
-    skipped: Counter = field(default_factory=Counter)
-
-    def skip(self, reason: str, where: str) -> None:
-        self.skipped[reason] += 1
-        if self.skipped[reason] <= _LOGGED_PER_REASON:
-            more = " (further ones are counted, not logged)" if self.skipped[reason] == _LOGGED_PER_REASON else ""
-            logger.warning("skipped %s: %s%s", where, reason, more)
-
-    @property
-    def n_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def summary(self) -> str:
-        """e.g. "1200 texts from 3 records in 2 files; skipped 1: 1 bad json"."""
-        text = f"{self.texts} texts from {self.records} records in {self.files} file(s)"
-        if self.skipped:
-            text += f"; skipped {self.n_skipped}: " + ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items()))
-        return text
-
-
-def iter_text_files(paths: Iterable[str | os.PathLike], stats: CorpusStats | None = None) -> Iterator[str]:
-    """Texts for tokenizer training, in file order. A folder stands for its .txt/.jsonl/.parquet files (recursively,
-    sorted).
-
-    - `.txt`: one text per non-blank line (the line without its line break).
-    - `.jsonl`: `{"text": str}` -> the text; `{"conversations": [{"role", "content"}, ...]}` (a list, or that list
-      as a JSON string) -> each turn's content. Blank lines are ignored.
-    - `.parquet`: a `conversations` column (JSON string or list of {role, content}) -> each turn's content; else a
-      `text` column -> the text.
-
-    Undecodable or malformed lines/rows (bad UTF-8, bad JSON, no text) are skipped and counted in `stats`; a missing
-    file, an unknown suffix or an unreadable parquet file raises."""
-    stats = stats if stats is not None else CorpusStats()
+def iter_text_files(paths: Iterable[str | os.PathLike], stats: SkipStats | None = None) -> Iterator[str]:
+    """Texts for tokenizer training, in file order. A folder stands for its .txt/.json/.jsonl/.parquet files
+    (recursively, sorted). `.txt`: one text per non-blank line; the others are read as training data is
+    (records.py): a record's `text`, or each turn's content of its conversation. Unreadable lines and records are
+    skipped and counted in `stats` (`stats.total` counts the records read); a missing file, an unknown suffix or an
+    unreadable parquet file raises."""
+    stats = stats if stats is not None else SkipStats()
     for path in _expand(paths):
-        stats.files += 1
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
+        if path.suffix.lower() == ".txt":
             yield from _txt_texts(path, stats)
-        elif suffix == ".jsonl":
-            yield from _jsonl_texts(path, stats)
-        else:
-            yield from _parquet_texts(path, stats)
+            continue
+        for record in iter_records(path, stats=stats, text_only=True):
+            texts = [record["text"]] if "text" in record else [turn["content"] for turn in record["conversations"]]
+            yield from (text for text in texts if text)
 
 
 def _expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -210,87 +177,17 @@ def _expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _lines(path: Path, stats: CorpusStats) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line without its line break) for non-blank lines; undecodable lines are skipped."""
+def _txt_texts(path: Path, stats: SkipStats) -> Iterator[str]:
+    """The non-blank lines, without their line breaks; a line that is not UTF-8 is skipped and counted."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            stats.records += 1
+            stats.total += 1
             try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
+                yield raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
-                stats.skip("not UTF-8", f"{path}:{number}")
-
-
-def _txt_texts(path: Path, stats: CorpusStats) -> Iterator[str]:
-    for _, line in _lines(path, stats):
-        stats.texts += 1
-        yield line
-
-
-def _jsonl_texts(path: Path, stats: CorpusStats) -> Iterator[str]:
-    for number, line in _lines(path, stats):
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            stats.skip("bad json", where)
-            continue
-        if isinstance(record, dict) and isinstance(record.get("text"), str):
-            texts = [record["text"]]
-        elif isinstance(record, dict) and "conversations" in record:
-            texts = _turn_texts(record["conversations"])
-        else:
-            texts = None
-        yield from _emit(texts, stats, where)
-
-
-def _parquet_texts(path: Path, stats: CorpusStats) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    try:
-        reader = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a corrupt or non-parquet file
-        raise ValueError(f"cannot read parquet file {path}: {e}") from e
-    names = reader.schema_arrow.names
-    column = "conversations" if "conversations" in names else "text" if "text" in names else None
-    if column is None:
-        raise ValueError(f"parquet file {path} has no 'conversations' or 'text' column (columns: {names})")
-    row = 0
-    for batch in reader.iter_batches(columns=[column], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            stats.records += 1
-            if column == "text":
-                texts = [value] if isinstance(value, str) else None
-            else:
-                texts = _turn_texts(value)
-            yield from _emit(texts, stats, f"{path} row {row}")
-
-
-def _turn_texts(conversations: object) -> list[str] | None:
-    """Contents of a conversation given as a list of {role, content} or as that list in a JSON string; None if
-    malformed."""
-    if isinstance(conversations, str):
-        try:
-            conversations = json.loads(conversations)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(conversations, list):
-        return None
-    texts = [turn["content"] for turn in conversations
-             if isinstance(turn, dict) and isinstance(turn.get("content"), str)]
-    return texts if len(texts) == len(conversations) else None
-
-
-def _emit(texts: list[str] | None, stats: CorpusStats, where: str) -> Iterator[str]:
-    if texts is None:
-        stats.skip("no text or conversations", where)
-        return
-    for text in texts:
-        stats.texts += 1
-        yield text
+                stats.add(NOT_UTF8, f"{path}:{number}")
 
 
 # --------------------------------------------------------------------------------------------------------- loading
