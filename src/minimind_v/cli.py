@@ -158,7 +158,8 @@ def add_other_parsers(sub) -> None:
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="action", required=True)
     tok_train = tok_sub.add_parser("train", help="train a byte-level BPE with ChatML and image placeholder tokens")
-    tok_train.add_argument("--data", nargs="+", required=True, help=".txt, .json, .jsonl or .parquet files (or folders of them)")
+    tok_train.add_argument("--data", nargs="+", required=True,
+                           help=".txt, .json, .jsonl or .parquet files (or folders of them)")
     tok_train.add_argument("--vocab-size", type=int, default=6400)
     tok_train.add_argument("--out", required=True)
     tok_train.set_defaults(func=cmd_tokenizer)
