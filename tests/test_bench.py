@@ -8,7 +8,7 @@ import pytest
 
 from conftest import GENERATOR
 from minimind_v.cli import main
-from minimind_v.reference import find_generator, make_reference_data
+from minimind_v.bench.reference import find_generator, make_reference_data
 
 SMALL_LLM = ["--set", "hidden_size=64", "--set", "num_hidden_layers=2", "--set", "intermediate_size=128",
              "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2"]
@@ -88,7 +88,7 @@ def test_bench_train_with_a_feature_cache_skips_the_tower_later(workspace, tmp_p
 
 def test_the_train_table_shows_gpu_figures():
     """MFU and peak memory as a GPU report has them (the CPU run above has neither)."""
-    from minimind_v.training.throughput import table_rows
+    from minimind_v.bench.train import table_rows
 
     report = {"device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "batch_size": 256, "packing": True,
               "compile": True, "trainable_params": 100, "steps_timed": 40, "samples_per_s": 1714.3,

@@ -94,7 +94,7 @@ def test_bench_reports_prefill_decode_and_memory(model_dir, tmp_path, capsys):
         assert report[size]["engine_end_to_end_tokens_per_s"] > 0
     assert "MiB" in report["peak_memory"]
     assert json.loads(trace.read_text())["traceEvents"]
-    from minimind_v.generation.bench import table_rows
+    from minimind_v.bench.decode import table_rows
 
     rows = dict(table_rows(report)[1])  # what the table shows of the comparison
     generate = report["batch_3"]["transformers_generate_end_to_end_tokens_per_s"]
@@ -102,7 +102,7 @@ def test_bench_reports_prefill_decode_and_memory(model_dir, tmp_path, capsys):
 
 
 def test_the_guides_benchmark_and_profile_functions(model_dir, tmp_path):
-    from minimind_v.generation.bench import benchmark_model_performance, profile_model_execution
+    from minimind_v.bench.decode import benchmark_model_performance, profile_model_execution
 
     model = engine_for(model_dir).model
     inputs = {"input_ids": torch.randint(0, 200, (1, 24))}

@@ -13,7 +13,7 @@ pytest.importorskip("uvicorn")
 psutil = pytest.importorskip("psutil")
 
 from minimind_v.cli import main  # noqa: E402
-from minimind_v.serving.loadtest import start_server  # noqa: E402
+from minimind_v.bench.serve import start_server  # noqa: E402
 
 DRAIN = 2.0
 
@@ -107,7 +107,7 @@ def test_bench_serve_reports_load_latency_and_memory(model_dir, capsys):
 
 
 def test_bench_serve_table(model_dir, capsys):
-    from minimind_v.serving.loadtest import table
+    from minimind_v.bench.serve import table
 
     report = {"clients": 2, "load_seconds": 1, "seconds": 1.2, "stream": False, "max_tokens": 4,
               "images_per_request": 0, "request_body_bytes": [120],

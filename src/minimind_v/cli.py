@@ -171,9 +171,11 @@ def add_other_parsers(sub) -> None:
 
 def _engine(args: argparse.Namespace, cuda_graphs: bool = True):
     from .generation import Engine
-    from .generation.loading import describe, load_for_inference, reference_for_inference
+    from .generation.loading import describe, load_for_inference
 
     if args.model is None:  # bench decode without a model: the reference setting
+        from .bench.reference import reference_for_inference
+
         model, tokenizer = reference_for_inference(args.images > 0, args.device, args.dtype,
                                                    **parse_overrides(args.set))
     else:
@@ -234,8 +236,8 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .generation.bench import bench, table_rows
-    from .reference import REFERENCE_DECODE
+    from .bench.decode import bench, table_rows
+    from .bench.reference import REFERENCE_DECODE
 
     engine = _engine(args, cuda_graphs=not args.no_graphs)
     report = bench(engine, args.prompt_tokens, args.new_tokens, args.batch, args.images, args.runs, args.profile,
@@ -305,7 +307,7 @@ def add_serving_parsers(sub) -> None:
 
 
 def add_bench_parsers(sub) -> None:
-    from .serving.loadtest import add_load_parser
+    from .bench.serve import add_load_parser
 
     bench = sub.add_parser("bench", help="performance: decode speed (`bench decode`), training throughput "
                                          "(`bench train`), the server under load (`bench serve`)"
@@ -349,8 +351,8 @@ def add_bench_parsers(sub) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from .reference import REFERENCE_TRAIN
-    from .training.throughput import bench_train, table_rows
+    from .bench.reference import REFERENCE_TRAIN
+    from .bench.train import bench_train, table_rows
 
     report = bench_train(args.work_dir, args.data, args.rows, args.steps, args.warmup, args.generator, args.tokenizer,
                          batch_size=args.batch_size, max_seq_len=args.max_seq_len, freeze=args.freeze,

@@ -32,20 +32,6 @@ def load_for_inference(path: str, tokenizer: str | None = None, vision: str | No
     return model, tok
 
 
-def reference_for_inference(with_tower: bool = True, device: str = "auto", dtype: str = "auto", **overrides):
-    """The reference 768 x 8 model (random weights; a random SigLIP B/32-256 tower unless `with_tower` is False)
-    on `device` in the policy's dtype -> (model, tokenizer)."""
-    import tempfile
-
-    from ..reference import reference_model, save_reference_tower
-
-    tower = save_reference_tower(os.path.join(tempfile.gettempdir(), "minimind-v-reference-tower")) if with_tower \
-        else None
-    model, tokenizer = reference_model(tower, **overrides)
-    target = pick_device(device)
-    return model.to(target, compute_dtype(target, dtype)).eval(), tokenizer
-
-
 def describe(model) -> str:
     """'26.2M parameters on cuda:0 in torch.bfloat16'."""
     params = sum(p.numel() for p in model.parameters())

@@ -19,8 +19,8 @@ import time
 import torch
 
 from ..device import synchronize
-from ..reference import PRESET, find_reference_tokenizer, make_reference_data, save_reference_tower
-from .trainer import TrainArgs, Trainer
+from ..training.trainer import TrainArgs, Trainer
+from .reference import PRESET, find_reference_tokenizer, make_reference_data, save_reference_tower
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 

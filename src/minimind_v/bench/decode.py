@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 from ..device import synchronize
-from .engine import Engine, GenerationRequest
-from .sampling import SamplingParams
+from ..generation import Engine, GenerationRequest, SamplingParams
 
 
 def bench_requests(engine: Engine, prompt_tokens: int, new_tokens: int, batch: int,

@@ -45,9 +45,9 @@ def save_reference_tower(path: str | os.PathLike) -> str:
 
 def reference_model(tower: str | None, **overrides):
     """(model, tokenizer): the 768 x 8 MiniMind VLM with random weights on `tower` (None: text only)."""
-    from .config import MiniMindVConfig
-    from .data.tokenizer import image_placeholder_config, load_tokenizer
-    from .models.vlm import MiniMindVLM
+    from ..config import MiniMindVConfig
+    from ..data.tokenizer import image_placeholder_config, load_tokenizer
+    from ..models.vlm import MiniMindVLM
 
     tokenizer = load_tokenizer()
     config = MiniMindVConfig.from_name(PRESET, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -55,6 +55,20 @@ def reference_model(tower: str | None, **overrides):
                                        **image_placeholder_config(tokenizer), **overrides)
     torch.manual_seed(0)
     return MiniMindVLM(config, vision_model_path=tower), tokenizer
+
+
+def reference_for_inference(with_tower: bool = True, device: str = "auto", dtype: str = "auto", **overrides):
+    """The reference 768 x 8 model (random weights; a random SigLIP B/32-256 tower unless `with_tower` is False)
+    on `device` in the policy's dtype -> (model, tokenizer)."""
+    import tempfile
+
+    from ..device import compute_dtype, pick_device
+
+    tower = save_reference_tower(os.path.join(tempfile.gettempdir(), "minimind-v-reference-tower")) if with_tower \
+        else None
+    model, tokenizer = reference_model(tower, **overrides)
+    target = pick_device(device)
+    return model.to(target, compute_dtype(target, dtype)).eval(), tokenizer
 
 
 def find_generator(path: str | None = None) -> str:
