@@ -8,7 +8,7 @@ import pytest
 
 from conftest import GENERATOR
 from minimind_v.cli import main
-from minimind_v.bench.reference import find_generator, make_reference_data
+from minimind_v.bench.reference import find_generator, find_reference_tokenizer, make_reference_data
 
 SMALL_LLM = ["--set", "hidden_size=64", "--set", "num_hidden_layers=2", "--set", "intermediate_size=128",
              "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2"]
@@ -66,9 +66,15 @@ def test_reference_data_comes_from_the_shared_generator(tmp_path, monkeypatch):
     assert pq.read_table(path).num_rows == 8 and find_generator()
 
 
-def test_a_missing_generator_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--generator PATH or --data"):
+def test_a_missing_generator_or_tokenizer_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="nowhere.py' does not exist.*--generator PATH.*--data PARQUET"):
         find_generator(str(tmp_path / "nowhere.py"))
+    monkeypatch.delenv("MINIMIND_V_BENCH_GENERATOR", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"neither --generator nor \$MINIMIND_V_BENCH_GENERATOR is set"):
+        find_generator()  # nothing is looked up implicitly (no ../shared from the working directory)
+    monkeypatch.setenv("MINIMIND_V_BENCH_TOKENIZER", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer.json"):
+        find_reference_tokenizer()
 
 
 def test_bench_train_with_a_feature_cache_skips_the_tower_later(workspace, tmp_path, capsys, monkeypatch):

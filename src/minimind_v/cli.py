@@ -330,9 +330,10 @@ def add_bench_parsers(sub) -> None:
                                            "SigLIP B/32-256, the shared generator's data)")
     train.add_argument("--work-dir", default="minimind-v-bench", help="tower, data and run folder")
     train.add_argument("--data", help="a parquet to train on instead of generating the reference data")
-    train.add_argument("--generator", help="make_vlm_parquet.py (default: ../shared/bench/)")
+    train.add_argument("--generator", help="make_vlm_parquet.py (default: $MINIMIND_V_BENCH_GENERATOR)")
     train.add_argument("--rows", type=int, default=2400)
-    train.add_argument("--tokenizer", help="default: the original one in ../shared/fixtures, else the shipped one")
+    train.add_argument("--tokenizer", help="the original tokenizer folder (default: $MINIMIND_V_BENCH_TOKENIZER, "
+                                           "else the shipped one)")
     train.add_argument("--steps", type=int, default=40, help="timed optimizer steps")
     train.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     train.add_argument("--batch-size", type=int, default=16)

@@ -6,7 +6,9 @@
     tokenizer        the original 6,400-token MiniMind tokenizer where the shared fixtures have it (the reference's
                      token counts: 423 per row on average), else the shipped one (longer rows)
 
-The same setting as the original MiniMind-V timings in `../shared/bench/README.md`.
+The same setting as the original MiniMind-V timings. Where the generator and the original tokenizer are comes from
+flags (`--generator`, `--data`, `--tokenizer`) or the environment ($MINIMIND_V_BENCH_GENERATOR,
+$MINIMIND_V_BENCH_TOKENIZER); nothing is looked up elsewhere.
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import torch
 from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
 PRESET = "minimind-3v"
-GENERATOR_ENV = "MINIMIND_V_BENCH_GENERATOR"
-GENERATOR_PLACES = ("../shared/bench/make_vlm_parquet.py", "shared/bench/make_vlm_parquet.py")
-TOKENIZER_PLACES = ("../shared/fixtures/minimind-3v", "shared/fixtures/minimind-3v")
+GENERATOR_ENV = "MINIMIND_V_BENCH_GENERATOR"  # the data generator, make_vlm_parquet.py (or pass --generator)
+TOKENIZER_ENV = "MINIMIND_V_BENCH_TOKENIZER"  # the original 6,400-token tokenizer folder (or pass --tokenizer)
 
 
 # the original MiniMind-V's figures in this setting (../shared/bench/README.md), printed under the bench tables
@@ -72,18 +73,22 @@ def reference_for_inference(with_tower: bool = True, device: str = "auto", dtype
 
 
 def find_generator(path: str | None = None) -> str:
-    """The shared data generator: `path`, $MINIMIND_V_BENCH_GENERATOR, or ../shared/bench/ from here."""
-    candidates = [path] if path else [os.environ.get(GENERATOR_ENV), *GENERATOR_PLACES]
-    for candidate in filter(None, candidates):
-        if os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError("the reference data generator make_vlm_parquet.py was not found (looked at "
-                            f"{', '.join(filter(None, candidates))}); pass --generator PATH or --data PARQUET")
+    """The reference data generator: `path`, else $MINIMIND_V_BENCH_GENERATOR."""
+    candidate = path or os.environ.get(GENERATOR_ENV)
+    if candidate and os.path.isfile(candidate):
+        return candidate
+    where = f"{candidate!r} does not exist" if candidate else f"neither --generator nor ${GENERATOR_ENV} is set"
+    raise FileNotFoundError(f"the reference data generator make_vlm_parquet.py was not found ({where}); pass "
+                            f"--generator PATH, set ${GENERATOR_ENV}, or pass --data PARQUET")
 
 
 def find_reference_tokenizer() -> str | None:
-    """The original MiniMind tokenizer folder of the shared fixtures, if it is here."""
-    return next((p for p in TOKENIZER_PLACES if os.path.isfile(os.path.join(p, "tokenizer.json"))), None)
+    """The original MiniMind tokenizer folder named by $MINIMIND_V_BENCH_TOKENIZER, if set (else None: the shipped
+    one); an unusable folder is an error rather than a silent change of setting."""
+    folder = os.environ.get(TOKENIZER_ENV)
+    if folder and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise FileNotFoundError(f"${TOKENIZER_ENV}={folder!r} holds no tokenizer.json")
+    return folder or None
 
 
 def make_reference_data(out: str | os.PathLike, rows: int = 2400, seed: int = 0, generator: str | None = None) -> str:
