@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 from conftest import args_for, build_tokenizer
 from minimind_v.cli import main
 from minimind_v.generation import Engine, GenerationRequest, SamplingParams
-from minimind_v.generation.loading import load_for_inference
+from minimind_v.build import load_for_inference
 from minimind_v.models.backbone import IMAGE_PAD, load_backbone_tokenizer
 from minimind_v.models.backbone import HFBackboneVLM
 from minimind_v.models.vlm import load_vlm
@@ -93,9 +93,9 @@ def test_placeholder_token_added_with_the_mean_embedding(backbone, tmp_path):
     tokenizer = load_backbone_tokenizer(llm)
     base = AutoModelForCausalLM.from_pretrained(llm)
     trainer_args = hf_args({"sft": "", "clip": None, "tokenizer": None}, tmp_path, llm)
-    from minimind_v.training.trainer import build_model
+    from minimind_v.build import training_model
 
-    _, model = build_model(trainer_args)
+    model, _ = training_model(trainer_args)
     image_id = model.config.image_token_id
     assert tokenizer.convert_tokens_to_ids(IMAGE_PAD) == image_id
     embed = model.get_input_embeddings().weight

@@ -16,7 +16,7 @@ pexpect = pytest.importorskip("pexpect")
 
 
 def engine_for(model_dir) -> Engine:
-    from minimind_v.generation.loading import load_for_inference
+    from minimind_v.build import load_for_inference
 
     return Engine(*load_for_inference(str(model_dir), device="cpu"))
 
@@ -166,7 +166,7 @@ def test_serve_command_binds_loopback_and_answers(model_dir):
 
 
 def test_chat_loads_an_original_pth_like_its_folder(model_dir, clip_dir, tmp_path, tokenizer):
-    from minimind_v.generation.loading import load_for_inference
+    from minimind_v.build import load_for_inference
     from minimind_v.interop.original import save_original
 
     folder_engine = engine_for(model_dir)

@@ -15,7 +15,7 @@ from PIL import Image
 from minimind_v.cli import main
 from minimind_v.demo import prepare_data
 from minimind_v.generation import Engine, GenerationRequest, SamplingParams
-from minimind_v.generation.loading import load_for_inference
+from minimind_v.build import load_for_inference
 from minimind_v.training.trainer import TrainArgs, Trainer
 
 pytest.importorskip("gguf")

@@ -26,17 +26,14 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 
 def load_model(args: argparse.Namespace):
     """A saved model folder (--model), or a randomly initialised preset (--preset, --set, --vision)."""
-    import torch
-
+    from .build import preset_model
     from .device import pick_device
-    from .models.vlm import build_vlm, load_vlm
+    from .models.vlm import load_vlm
 
-    if args.model:
+    if args.model:  # the model alone: a folder need not hold a tokenizer to be diagnosed
         model = load_vlm(args.model, **({"vision_model_path": args.vision} if args.vision else {}))
     else:
-        torch.manual_seed(0)
-        config = MiniMindVConfig.from_name(args.preset, **parse_overrides(args.set))
-        model = build_vlm(config, vision_model_path=args.vision)
+        model = preset_model(args.preset, args.vision, parse_overrides(args.set))
     return model.to(pick_device(args.device))
 
 
@@ -73,16 +70,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _evaluator(path: str, image_root: str | None, limit: int | None, train_args):
-    from .data.tokenizer import load_tokenizer
+    from .build import training_tokenizer
     from .evaluate import evaluate, load_qa_jsonl
 
     items = load_qa_jsonl(path, image_root)[:limit]
-    if train_args.llm:  # the one the trainer uses
-        from .models.backbone import load_backbone_tokenizer
-
-        tokenizer = load_backbone_tokenizer(train_args.llm)
-    else:
-        tokenizer = load_tokenizer(train_args.tokenizer or train_args.from_weight)
+    tokenizer = training_tokenizer(train_args)  # the one the trainer uses
 
     def run(model) -> dict:
         return {"eval_accuracy": evaluate(model, tokenizer, items)["accuracy"]}
@@ -91,17 +83,15 @@ def _evaluator(path: str, image_root: str | None, limit: int | None, train_args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, load_qa_jsonl
-    from .models.vlm import load_vlm
-    from .data.tokenizer import load_tokenizer
-
+    from .build import load_model as load_saved
     from .data.skips import SkipStats
+    from .evaluate import evaluate, load_qa_jsonl
 
     stats = SkipStats()
     items = load_qa_jsonl(args.data, args.image_root, stats)[:args.limit]
-    model = load_vlm(args.model).eval()
-    report = evaluate(model, load_tokenizer(args.tokenizer or args.model), items, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, stats=stats)
+    model, tokenizer = load_saved(args.model, args.tokenizer)
+    report = evaluate(model.eval(), tokenizer, items, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      stats=stats)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     print(report["skipped"], file=sys.stderr)
     return 0
@@ -170,8 +160,8 @@ def add_other_parsers(sub) -> None:
 
 
 def _engine(args: argparse.Namespace, cuda_graphs: bool = True):
+    from .build import describe, load_for_inference
     from .generation import Engine
-    from .generation.loading import describe, load_for_inference
 
     if args.model is None:  # bench decode without a model: the reference setting
         from .bench.reference import reference_for_inference

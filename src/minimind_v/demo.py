@@ -145,8 +145,8 @@ def photo_answers(model, tokenizer, features: ImageFeatures) -> list[str]:
 
 def run_demo(out: str = "minimind-v-demo", size_name: str = "default", echo=print) -> dict:
     """The whole chain; returns the evaluation report (also written to <out>/report.json)."""
-    from .models.vlm import load_vlm
-    from .data.tokenizer import load_tokenizer, train_tokenizer
+    from .build import load_model
+    from .data.tokenizer import train_tokenizer
 
     if size_name not in SIZES:
         raise ValueError(f"unknown demo size {size_name!r}; choose one of {', '.join(SIZES)}")
@@ -172,8 +172,8 @@ def run_demo(out: str = "minimind-v-demo", size_name: str = "default", echo=prin
         echo(f"[demo] {stage}: loss {summary.get('loss')} after {summary['steps']} steps, "
              f"{summary['seconds']} s -> {stage_out}/model")
         previous = os.path.join(stage_out, "model")
-    model = load_vlm(previous).eval().to(pick_device())
-    tokenizer = load_tokenizer(previous)
+    model, tokenizer = load_model(previous)
+    model = model.eval().to(pick_device())
     features = ImageFeatures(model.vision_tower, cache, tower_id(model.config, model.vision_tower))
     report = evaluate(model, tokenizer, test_items(size.limit), features, batch_size=256, max_new_tokens=4)
     report["photos"] = photo_answers(model, tokenizer, features)

@@ -45,17 +45,11 @@ def save_reference_tower(path: str | os.PathLike) -> str:
 
 
 def reference_model(tower: str | None, **overrides):
-    """(model, tokenizer): the 768 x 8 MiniMind VLM with random weights on `tower` (None: text only)."""
-    from ..config import MiniMindVConfig
-    from ..data.tokenizer import image_placeholder_config, load_tokenizer
-    from ..models.vlm import MiniMindVLM
+    """(model, tokenizer): the 768 x 8 MiniMind VLM with random weights (seed 0) on `tower` (None: text only), sized
+    to the shipped tokenizer."""
+    from ..build import new_model
 
-    tokenizer = load_tokenizer()
-    config = MiniMindVConfig.from_name(PRESET, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                       **image_placeholder_config(tokenizer), **overrides)
-    torch.manual_seed(0)
-    return MiniMindVLM(config, vision_model_path=tower), tokenizer
+    return new_model(PRESET, vision=tower, overrides=overrides, seed=0)
 
 
 def reference_for_inference(with_tower: bool = True, device: str = "auto", dtype: str = "auto", **overrides):
@@ -63,13 +57,12 @@ def reference_for_inference(with_tower: bool = True, device: str = "auto", dtype
     on `device` in the policy's dtype -> (model, tokenizer)."""
     import tempfile
 
-    from ..device import compute_dtype, pick_device
+    from ..build import for_inference
 
     tower = save_reference_tower(os.path.join(tempfile.gettempdir(), "minimind-v-reference-tower")) if with_tower \
         else None
     model, tokenizer = reference_model(tower, **overrides)
-    target = pick_device(device)
-    return model.to(target, compute_dtype(target, dtype)).eval(), tokenizer
+    return for_inference(model, device, dtype), tokenizer
 
 
 def find_generator(path: str | None = None) -> str:

@@ -33,7 +33,8 @@ from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_devic
 from ..models.attention import PackedMask, varlen_ready
 from ..models.image_features import ImageFeatures, tower_id
 from ..models.vision_tower import image2tensor
-from ..models.vlm import MiniMindVLM, build_vlm, load_vlm
+from ..build import training_model
+from ..models.vlm import MiniMindVLM
 from .checkpointing import (
     check_settings,
     load_resume_state,
@@ -103,7 +104,8 @@ class TrainArgs:
 
 
 class Trainer:
-    def __init__(self, args: TrainArgs):
+    def __init__(self, args: TrainArgs, model=None, tokenizer=None):
+        """`model` and `tokenizer`: what to train; by default what the args name (build.training_model)."""
         check_args(args)
         self.args = args
         use_cuda = pick_device(args.device).type == "cuda"
@@ -112,7 +114,9 @@ class Trainer:
         if self.rank == 0:  # before anything is built: a run already there is refused (or removed: --overwrite)
             open_run_folder(args.out_dir, args.resume, args.overwrite)
         torch.manual_seed(args.seed)
-        self.tokenizer, self.model = build_model(args)
+        if model is None:
+            model, tokenizer = training_model(args)
+        self.model, self.tokenizer = model, tokenizer
         if args.packing and hasattr(self.model, "language_model"):
             raise ValueError("--packing needs the MiniMind language model (a Hugging Face backbone reads masks its "
                              "own way)")
@@ -331,38 +335,6 @@ def ignore_interrupts(_worker: int) -> None:
 def pixel_values(image, processor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """image -> [3, H, W] (what DataLoader workers run, so the main process never preprocesses)."""
     return image2tensor(image, processor)[0].to(dtype)
-
-
-def build_model(args: TrainArgs):
-    """(tokenizer, model): continue from --from-weight, or a fresh model from a preset sized to the tokenizer (or to
-    the --llm backbone, whose own tokenizer it uses)."""
-    from ..config import MiniMindVConfig
-    from ..data.tokenizer import image_placeholder_config, load_tokenizer
-    from ..models.backbone import backbone_fields, load_backbone_tokenizer
-
-    if args.llm and args.tokenizer:
-        raise ValueError("--llm brings its own tokenizer; leave out --tokenizer")
-    if args.from_weight:
-        if args.llm:
-            raise ValueError("--llm starts a new model; a --from-weight folder already names its language model")
-        model = load_vlm(args.from_weight, **({"vision_model_path": args.vision} if args.vision else {}))
-        tokenizer = load_tokenizer(args.tokenizer or args.from_weight)
-    else:
-        if args.llm:
-            tokenizer = load_backbone_tokenizer(args.llm)
-            fields = backbone_fields(args.llm, tokenizer)
-            fields["image_token_len"] = MiniMindVConfig.from_name(args.preset).image_token_len
-        else:
-            tokenizer = load_tokenizer(args.tokenizer)
-            fields = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                      "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-            if "<|image_pad|>" in tokenizer.get_vocab():
-                fields.update(image_placeholder_config(tokenizer))
-        config = MiniMindVConfig.from_name(args.preset, **{**fields, **args.overrides})
-        model = build_vlm(config, vision_model_path=args.vision)
-    if args.lora_rank and args.lora_rank != model.config.lora_rank:
-        model.enable_lora(args.lora_rank)
-    return tokenizer, model
 
 
 def make_dataset(args: TrainArgs, tokenizer, model: MiniMindVLM, stats: SkipStats, max_seq_len: int):
