@@ -16,7 +16,7 @@ from minimind_v.generation import Engine, GenerationRequest, SamplingParams
 from minimind_v.build import load_for_inference
 from minimind_v.models.backbone import IMAGE_PAD, load_backbone_tokenizer
 from minimind_v.models.backbone import HFBackboneVLM
-from minimind_v.models.vlm import load_vlm
+from minimind_v.models import load_vlm
 from minimind_v.training.trainer import Trainer
 
 VISION = {"ve_hidden_size": 32, "image_token_len": 16}  # the conftest CLIP tower: 32 px, 8 px patches, 32 wide

@@ -13,7 +13,7 @@ from conftest import build_tokenizer, tiny_config
 from minimind_v import MiniMindVLM
 from minimind_v.cli import main
 from minimind_v.config import MiniMindVConfig
-from minimind_v.models.vlm import load_vlm
+from minimind_v.models import load_vlm
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import save_clip, save_siglip, tiny_config
 from minimind_v import PRESETS, MiniMindVConfig, MiniMindVLM
-from minimind_v.models.vlm import merge_image_features
+from minimind_v.models.vlm_base import merge_image_features
 
 IMG = 34  # placeholder id of the tiny configs ('@')
 

@@ -2,9 +2,9 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .config import PRESETS, MiniMindVConfig, VLLMconfig, get_model_configs
-from .models import (MiniMindForCausalLM, MiniMindModel, MiniMindOutput, MiniMindVLM, VisionEncoder, VisionTower,
-                     load_vision_tower)
+from .config import PRESETS, MiniMindVConfig
+from .models import MiniMindForCausalLM, MiniMindModel, MiniMindOutput, MiniMindVLM, VisionTower, load_vision_tower
+from .models.compat import VisionEncoder, VLLMconfig, get_model_configs  # the seeds' names
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,7 @@ import torch
 from .config import MiniMindVConfig
 from .data.tokenizer import IMAGE_PAD_TOKEN, image_placeholder_config, load_tokenizer
 from .device import compute_dtype, pick_device
-from .models.vlm import build_vlm, load_vlm
+from .models import build_vlm, load_vlm
 
 
 def tokenizer_fields(tokenizer) -> dict:

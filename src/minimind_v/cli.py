@@ -28,7 +28,7 @@ def load_model(args: argparse.Namespace):
     """A saved model folder (--model), or a randomly initialised preset (--preset, --set, --vision)."""
     from .build import preset_model
     from .device import pick_device
-    from .models.vlm import load_vlm
+    from .models import load_vlm
 
     if args.model:  # the model alone: a folder need not hold a tokenizer to be diagnosed
         model = load_vlm(args.model, **({"vision_model_path": args.vision} if args.vision else {}))

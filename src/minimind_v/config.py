@@ -2,11 +2,10 @@
 
 `MiniMindVConfig` is a `transformers.PreTrainedConfig` (a strict dataclass in transformers 5): every field below has a
 type, derived values are computed in `_derive()` and nowhere else, and an unknown or misspelled key raises a
-`ValueError` that suggests the closest known name. The field names are the seeds' (`VLLMconfig` is exported as an
-alias), so `VLLMconfig(hidden_size=768, image_ids=[34] * 196, ...)` works as the seed documents.
+`ValueError` that suggests the closest known name. The field names are the seeds' (models/compat.py exports the
+seeds' `VLLMconfig` and `get_model_configs`).
 
-Presets: `MiniMindVConfig.from_name("minimind2-v", num_hidden_layers=4)`; `get_model_configs()` returns the seeds'
-`tiny`/`small`/`medium`/`large_moe`.
+Presets: `MiniMindVConfig.from_name("minimind2-v", num_hidden_layers=4)`.
 """
 
 from __future__ import annotations
@@ -217,7 +216,7 @@ _SIZE_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_val
                 "projector_heads")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # the seeds' presets (seed 001, `get_model_configs`)
+    # the seeds' presets (`get_model_configs`)
     "tiny": dict(vocab_size=10000, hidden_size=256, num_attention_heads=4, num_hidden_layers=6,
                  intermediate_size=512, max_position_embeddings=1024),
     "small": dict(vocab_size=30000, hidden_size=768, num_attention_heads=12, num_hidden_layers=12,
@@ -235,11 +234,3 @@ PRESETS: dict[str, dict[str, Any]] = {
     "minimind-3v": _MINIMIND_3V,  # SigLIP B/32-256, 64 tokens, LayerNorm+MLP projector, q/k norm
     "minimind-3v-moe": {**_MINIMIND_3V, "use_moe": True, "n_routed_experts": 4},
 }
-
-
-def get_model_configs() -> dict[str, MiniMindVConfig]:
-    """The seeds' preset configs: tiny, small, medium, large_moe."""
-    return {name: MiniMindVConfig.from_name(name) for name in ("tiny", "small", "medium", "large_moe")}
-
-
-VLLMconfig = MiniMindVConfig  # the seeds' name

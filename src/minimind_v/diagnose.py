@@ -1,4 +1,4 @@
-"""Model diagnosis, as seed 001's `diagnose_model_issues`: config, device, vision tower, parameters, a forward pass
+"""Model diagnosis, as the seeds' `diagnose_model_issues`: config, device, vision tower, parameters, a forward pass
 with a NaN/Inf check, and memory use. `diagnose(model)` returns the report as a dict and prints it line by line."""
 
 from __future__ import annotations
@@ -8,17 +8,17 @@ from typing import Callable
 import torch
 
 from .device import memory_report
-from .models.language_model import MiniMindForCausalLM
 from .models.mlp import MoEFeedForward
+from .models.vlm_base import VisionLanguageModel
 
 
-def sample_inputs(model: MiniMindForCausalLM, text_tokens: int = 8) -> dict[str, torch.Tensor]:
+def sample_inputs(model: VisionLanguageModel, text_tokens: int = 8) -> dict[str, torch.Tensor]:
     """Random token ids around one image placeholder run (when the model has a tower) and matching pixel values."""
     config, device = model.config, model.device
     generator = torch.Generator().manual_seed(0)
     text = torch.randint(3, config.vocab_size, (1, text_tokens), generator=generator)
     text[text == config.image_token_id] = 3
-    if getattr(model, "vision_tower", None) is None:
+    if model.vision_tower is None:
         return {"input_ids": text.to(device)}
     size = model.processor.size
     height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
@@ -27,20 +27,20 @@ def sample_inputs(model: MiniMindForCausalLM, text_tokens: int = 8) -> dict[str,
             "pixel_values": torch.randn(1, 1, 3, height, width, generator=generator).to(device)}
 
 
-def active_parameters(model: MiniMindForCausalLM) -> int:
+def active_parameters(model: VisionLanguageModel) -> int:
     """Parameters used per token: routed experts count k / n of their weights (excludes the vision tower)."""
     total = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("vision_tower."))
-    for layer in model.decoder_layers() if hasattr(model, "decoder_layers") else model.model.layers:
+    for layer in model.decoder_layers():
         if isinstance(getattr(layer, "mlp", None), MoEFeedForward):
             routed = sum(p.numel() for p in layer.mlp.experts.parameters())
             total -= routed - routed * model.config.num_experts_per_token // model.config.n_routed_experts
     return total
 
 
-def diagnose(model: MiniMindForCausalLM, inputs: dict[str, torch.Tensor] | None = None,
+def diagnose(model: VisionLanguageModel, inputs: dict[str, torch.Tensor] | None = None,
              echo: Callable[[str], None] = print) -> dict[str, object]:
     config, device = model.config, model.device
-    tower = getattr(model, "vision_tower", None)
+    tower = model.vision_tower
     report: dict[str, object] = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
                                  "vocab_size": config.vocab_size, "use_moe": config.use_moe, "device": str(device)}
     echo("=== MiniMind-V model diagnosis ===")
@@ -70,7 +70,7 @@ def diagnose(model: MiniMindForCausalLM, inputs: dict[str, torch.Tensor] | None 
     return report
 
 
-def _forward_check(model: MiniMindForCausalLM, inputs: dict[str, torch.Tensor],
+def _forward_check(model: VisionLanguageModel, inputs: dict[str, torch.Tensor],
                    echo: Callable[[str], None]) -> dict[str, object]:
     was_training = model.training
     model.eval()

@@ -37,7 +37,7 @@ def step_flops(model, batches: list[dict]) -> float:
     """Model FLOPs of one optimizer step (see the module docstring)."""
     config, tower = model.config, model.vision_tower
     llm = sum(p.numel() for layer in model.decoder_layers() for p in layer.parameters())
-    llm += sum(p.numel() for p in model.vision_proj.parameters()) + model.lm_head.weight.numel()
+    llm += sum(p.numel() for p in model.vision_proj.parameters()) + model.get_output_embeddings().weight.numel()
     attention_width = config.num_attention_heads * config.head_dim
     flops = 0.0
     for batch in batches:

@@ -153,5 +153,5 @@ def cpu_step_options():
 
 
 def static_possible(model) -> bool:
-    """Dense MiniMind (graphs on CUDA, compiled steps on a CPU)."""
-    return not getattr(model.config, "llm_path", None) and not model.config.use_moe
+    """Whether the model decodes through one fixed-shape step (graphs on CUDA, compiled steps on a CPU)."""
+    return model.supports_static_decode

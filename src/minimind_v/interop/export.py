@@ -21,14 +21,14 @@ import torch
 from transformers import AutoTokenizer
 
 from .original import load_original, save_original
-from ..models.vlm import MiniMindVLM, load_vlm
+from ..models import MiniMindVLM, load_vlm
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # minimind_v/
 CONFIG_MODULE = "configuration_minimind_v"
 MODELING_MODULE = "modeling_minimind_v"
 # the modeling files, in dependency order; they land flat in the export folder
 MODEL_FILES = ("norm.py", "rope.py", "attention.py", "mlp.py", "language_model.py", "projector.py", "lora.py",
-               "vision_tower.py", "safe_loading.py", "vlm.py", "backbone.py")
+               "vision_tower.py", "safe_loading.py", "vlm_base.py", "compat.py", "vlm.py", "backbone.py")
 
 
 def save_hf_folder(model: MiniMindVLM, out: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> None:
@@ -46,12 +46,7 @@ def export_merged(model, out: str | os.PathLike, tokenizer_dir: str | os.PathLik
     exported.merge_lora()
     if exported.vision_tower is not None and hasattr(exported.vision_tower.encoder, "config"):
         exported.embed_vision_tower()  # a CLIP/SigLIP tower travels inside (EfficientNet comes with its package)
-    if exported.config.llm_path:
-        exported.language_model.save_pretrained(os.path.join(out, "language_model"))
-        if tokenizer_dir is not None:
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(os.path.join(out, "language_model"))
-        exported.config.llm_path = "language_model"  # relative: resolved against the folder it is loaded from
-        exported.config.trained_llm_parts = []
+    exported.export_language_model(os.fspath(out), tokenizer_dir)  # a Hugging Face backbone travels inside
     save_hf_folder(exported, out, tokenizer_dir)
 
 
@@ -91,7 +86,7 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, vision: str | 
         vision_kw = {"vision_model_path": vision} if vision else ({"vision_model_path": None} if to_pth else {})
         model = load_vlm(source, **vision_kw)
         tokenizer = tokenizer or (source if os.path.isfile(os.path.join(source, "tokenizer_config.json")) else None)
-        if model.config.llm_path and (to_pth or remote_code):
+        if not model.supports_original_layout and (to_pth or remote_code):
             raise ValueError(f"{source} is built on a Hugging Face language model ({model.config.llm_path}); the "
                              "original .pth layout and the remote-code export know only MiniMind: convert it to a "
                              "folder (the merged export) instead")

@@ -22,7 +22,8 @@ import torch
 from ..config import PRESETS, MiniMindVConfig
 from ..models.safe_loading import check_finite
 from ..models.vision_tower import load_vision_tower
-from ..models.vlm import TOWER_PREFIX, MiniMindVLM, key_mismatch_error
+from ..models.vlm import MiniMindVLM
+from ..models.vlm_base import TOWER_PREFIX, key_mismatch_error
 
 logger = logging.getLogger(__name__)
 

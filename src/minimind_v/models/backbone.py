@@ -30,7 +30,7 @@ from .lora import add_lora, is_lora_key
 from .projector import build_projector
 from .safe_loading import check_shapes, meta_shapes, read_config, read_weights, weight_shapes
 from .vision_tower import load_image_processor
-from .vlm import _FROM_CONFIG, TOWER_PREFIX, VisionLanguageMixin
+from .vlm_base import FROM_CONFIG, TOWER_PREFIX, VisionLanguageModel
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -119,12 +119,10 @@ def resize_vocab(model: nn.Module, size: int) -> None:
             table.weight[old:] = table.weight[:old].mean(0)  # [new, H] <- [H]
 
 
-class HFBackboneVLM(VisionLanguageMixin, MiniMindPreTrainedModel, GenerationMixin):
+class HFBackboneVLM(VisionLanguageModel, MiniMindPreTrainedModel, GenerationMixin):
     """The VLM on any local Hugging Face causal LM (`config.llm_path`), held as `language_model`."""
 
-    language_model_attr = "language_model"
-
-    def __init__(self, config: MiniMindVConfig, vision_model_path: str | None = _FROM_CONFIG, *,
+    def __init__(self, config: MiniMindVConfig, vision_model_path: str | None = FROM_CONFIG, *,
                  base_dir: str | None = None):
         """`base_dir`: the checkpoint folder a relative `llm_path` is relative to."""
         if not config.llm_path:
@@ -147,6 +145,26 @@ class HFBackboneVLM(VisionLanguageMixin, MiniMindPreTrainedModel, GenerationMixi
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
+
+    def decoder_layers(self) -> nn.ModuleList:
+        layers = getattr(self.language_model.get_decoder(), "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"cannot find the decoder layers of {type(self.language_model).__name__} (no `.layers`)")
+        return layers
+
+    def export_language_model(self, folder: str, tokenizer_dir: str | None = None) -> None:
+        """The (merged) language model as a plain transformers folder `folder/language_model`, which the config then
+        names relatively: the export stands alone."""
+        self.language_model.save_pretrained(os.path.join(folder, "language_model"))
+        if tokenizer_dir is not None:
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(os.path.join(folder, "language_model"))
+        self.config.llm_path = "language_model"  # relative: resolved against the folder it is loaded from
+        self.config.trained_llm_parts = []
+
+    def frozen_base_parameters(self) -> list[nn.Parameter]:
+        """The base model's frozen weights that no checkpoint holds."""
+        return [param for name, param in self.named_parameters()
+                if name.startswith("language_model.") and not param.requires_grad and not self.saves(name)]
 
     def saves(self, key: str) -> bool:
         """Projector, LoRA adapters and `trained_llm_parts`; the rest is the base model at `llm_path`."""
@@ -183,7 +201,7 @@ class HFBackboneVLM(VisionLanguageMixin, MiniMindPreTrainedModel, GenerationMixi
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args,
-                        vision_model_path: str | None = _FROM_CONFIG, **kwargs) -> "HFBackboneVLM":
+                        vision_model_path: str | None = FROM_CONFIG, **kwargs) -> "HFBackboneVLM":
         """The base model from `llm_path`, then the checkpoint's trained parts, strictly."""
         if args or kwargs:
             raise TypeError(f"HFBackboneVLM.from_pretrained takes a folder and vision_model_path only, not "
@@ -198,7 +216,7 @@ class HFBackboneVLM(VisionLanguageMixin, MiniMindPreTrainedModel, GenerationMixi
         if config.vision_config is not None:
             model.vision_tower.processor = load_image_processor(folder)
         else:
-            model._attach_tower_folder(config.vision_tower_path if vision_model_path == _FROM_CONFIG
+            model._attach_tower_folder(config.vision_tower_path if vision_model_path == FROM_CONFIG
                                        else vision_model_path, folder)
         return model
 

@@ -1,6 +1,6 @@
 """Projectors: vision features [N, T, ve_hidden_size] -> language-model embeddings [N, T, hidden_size].
 
-`linear` is the MiniMind2-V projector (one Linear with bias; the seeds call its class `VisionEncoder`), `mlp` the
+`linear` is the MiniMind2-V projector (one Linear with bias; the seeds call its class `VisionEncoder`, compat.py), `mlp` the
 minimind-3v one (LayerNorm -> Linear -> GELU -> Linear); `cross_attn` resamples any number of tower tokens into
 `image_token_len` learned queries. Parameter names of the first two match the original checkpoints
 (`vision_proj.vision_proj.0.*`, `vision_proj.mlp.{0,1,3}.*`), so their state dicts load unchanged.
@@ -14,8 +14,8 @@ from torch import nn
 from ..config import MiniMindVConfig
 
 
-class VisionEncoder(nn.Module):
-    """The linear projector, under the seeds' name: Linear(ve_hidden_size, hidden_size)."""
+class LinearProjector(nn.Module):
+    """Linear(ve_hidden_size, hidden_size)."""
 
     def __init__(self, ve_hidden_size: int = 768, hidden_size: int = 512):
         super().__init__()
@@ -23,9 +23,6 @@ class VisionEncoder(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.vision_proj(features)
-
-
-LinearProjector = VisionEncoder
 
 
 class MLPProjector(nn.Module):

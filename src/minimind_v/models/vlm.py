@@ -1,237 +1,35 @@
-"""The VLM: frozen vision tower -> projector -> language model (MiniMind, or any Hugging Face causal LM).
-
-    pixel_values [B, N, 3, H, W] -> vision_tower -> [B*N, T, ve] -> vision_proj -> [B*N, T, hidden]
-    input_ids [B, L] -> embed_tokens -> [B, L, hidden]; the placeholder positions (input_ids == image token id, T per
-    image, in reading order) are overwritten with the image features, in order -> language model -> logits
-
-Images are encoded at prefill only (never again once the KV cache holds them). By default the frozen vision tower is
-not part of the saved checkpoint: `save_pretrained` leaves it out and `from_pretrained` reloads it from
-`config.vision_tower_path`. After `embed_vision_tower()` (used by the self-contained export) its weights travel in the
-checkpoint and `config.vision_config` describes it, as LLaVA-style Hugging Face models do.
-
-Two language models behind one interface (`VisionLanguageMixin` holds everything they share):
-    MiniMindVLM      the MiniMind LM built from the config (the default); checkpoints hold every weight
-    HFBackboneVLM    `config.llm_path`, any local causal LM (models/backbone.py) in `language_model`; checkpoints
-                     hold only what was trained (projector, `trained_llm_parts`, LoRA adapters) and the base path
-`build_vlm(config)` and `load_vlm(folder)` pick the class from the config.
+"""MiniMindVLM: the VLM on the MiniMind language model built from the config (the default; checkpoints hold every
+weight, with the original MiniMind-V's state-dict keys). What it shares with every VLM is in vlm_base.py; the seeds'
+names it answers to are in compat.py.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
-from PIL import Image
 from torch import nn
 from transformers.cache_utils import Cache
 
 from ..config import MiniMindVConfig
+from .compat import SeedNames
 from .language_model import MiniMindForCausalLM, MiniMindOutput
-from .lora import add_lora, merge_lora
+from .lora import add_lora
 from .projector import build_projector
 from .safe_loading import check_finite, check_shapes, meta_shapes, read_config, weight_files, weight_shapes
-from .vision_tower import (EFFICIENTNET, VisionTower, image2tensor, load_image_processor, load_vision_tower,
-                           vision_tower_from_config)
-
-logger = logging.getLogger(__name__)
-_FROM_CONFIG = "<from config>"
-TOWER_PREFIX = "vision_tower."
+from .vision_tower import load_image_processor
+from .vlm_base import FROM_CONFIG, TOWER_PREFIX, VisionLanguageModel, check_loading_info
 
 
-class VisionLanguageMixin:
-    """What both VLMs share: the frozen tower, the projector, image features spliced into the embeddings, LoRA on
-    the language model, and checkpoints (`checkpoint_state_dict` / `load_checkpoint_state`)."""
+class MiniMindVLM(SeedNames, VisionLanguageModel, MiniMindForCausalLM):
+    """`MiniMindVLM(config)` as in Hugging Face, or `MiniMindVLM(params=config, vision_model_path=...)` as in the
+    seeds (compat.py)."""
 
-    config: MiniMindVConfig
-    vision_proj: nn.Module
-    vision_tower: VisionTower | None
-    language_model_attr = "model"  # where the language model (without the vision parts) lives
+    supports_packing = True
+    supports_chunked_loss = True
+    supports_original_layout = True
 
-    def _init_vision(self, config: MiniMindVConfig, vision_model_path: str | None) -> None:
-        self.vision_tower = None
-        if config.vision_config is not None:  # an embedded tower: built here, weights loaded with the checkpoint
-            self.attach_vision_tower(vision_tower_from_config(config.vision_config))
-            return
-        path = config.vision_tower_path if vision_model_path == _FROM_CONFIG else vision_model_path
-        tower, _ = (self.get_vision_model(path, config.vision_tower_kind, config.tower_tokens or 49) if path
-                    else (None, None))
-        if tower is not None:
-            self.attach_vision_tower(tower, path)
-
-    # --- the seeds' names ---
-    @property
-    def vision_encoder(self) -> VisionTower | None:
-        return self.vision_tower
-
-    @property
-    def multi_modal_projector(self) -> nn.Module:
-        return self.vision_proj
-
-    @property
-    def processor(self) -> object | None:
-        return self.vision_tower.processor if self.vision_tower is not None else None
-
-    @staticmethod
-    def get_vision_model(model_path: str, kind: str = "auto",
-                         num_tokens: int | None = None) -> tuple[VisionTower | None, object | None]:
-        """(tower, processor) from a local folder; (None, None) with a warning when the folder does not exist."""
-        if model_path == EFFICIENTNET or kind == "efficientnet":
-            tower = load_vision_tower(model_path, kind, num_tokens)
-            return tower, tower.processor
-        if not os.path.isdir(model_path):
-            logger.warning("vision tower %r is not a local folder: the model has no vision tower and cannot take "
-                           "images (nothing is downloaded; pass a local CLIP/SigLIP folder)", model_path)
-            return None, None
-        tower = load_vision_tower(model_path, kind)
-        return tower, tower.processor
-
-    @staticmethod
-    def image2tensor(image: Image.Image, processor: object) -> torch.Tensor:
-        """PIL image of any mode -> pixel values [1, 3, H, W]."""
-        return image2tensor(image, processor)
-
-    @staticmethod
-    def get_image_embeddings(image_tensors: torch.Tensor, vision_model: VisionTower) -> torch.Tensor:
-        """pixels [N, 3, H, W] -> frozen tower features [N, T, ve_hidden_size]."""
-        return vision_model(image_tensors)
-
-    def attach_vision_tower(self, tower: VisionTower, path: str | None = None) -> None:
-        """Install a frozen tower after checking it fits the config (feature width and tokens per image)."""
-        if tower.hidden_size != self.config.ve_hidden_size:
-            raise ValueError(f"vision tower features are {tower.hidden_size} wide but config.ve_hidden_size is "
-                             f"{self.config.ve_hidden_size}")
-        expected = self.config.tower_tokens
-        if expected is not None and tower.num_tokens != expected:
-            what = "vision_tokens" if self.config.vision_tokens is not None else "the placeholder run (image_token_len)"
-            raise ValueError(f"vision tower gives {tower.num_tokens} tokens per image but {what} is {expected}")
-        self.vision_tower = tower.to(next(self.vision_proj.parameters()).device)
-        if path is not None:
-            self.config.vision_tower_path = path if path == EFFICIENTNET else os.path.abspath(path)
-
-    def _attach_tower_folder(self, path: str | None, source: object) -> None:
-        """The tower a loaded checkpoint names (a missing folder is an error, not a text-only model)."""
-        if not path:
-            return
-        if not os.path.isdir(path) and path != EFFICIENTNET:
-            raise FileNotFoundError(f"{source}: vision tower folder {path!r} not found; pass "
-                                    "vision_model_path=<local folder> (or None for a text-only model)")
-        self.attach_vision_tower(load_vision_tower(path, self.config.vision_tower_kind,
-                                                   self.config.tower_tokens or 49), path)
-        self.vision_tower.to(self.vision_proj_dtype)
-
-    # --- images into the embeddings ---
-    def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None,
-                     image_features: torch.Tensor | None, past_key_values: Cache | None) -> torch.Tensor:
-        """input_ids [B, L] -> embeddings [B, L, H], image features over the placeholders (at prefill only)."""
-        inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, L, H]
-        past_len = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
-        if past_len == 0 and (pixel_values is not None or image_features is not None):
-            projected = (self.encode_images(pixel_values) if image_features is None
-                         else self.vision_proj(image_features.to(self.vision_proj_dtype)))
-            inputs_embeds = merge_image_features(inputs_embeds, input_ids, projected, self.config.image_token_id)
-        return inputs_embeds
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, N, 3, H, W] (or [num_images, 3, H, W], images in reading order) -> [B*N, T, hidden]."""
-        if self.vision_tower is None:
-            raise ValueError("pixel_values were given but the model has no vision tower (build it with "
-                             "vision_model_path=<local CLIP/SigLIP folder> or set config.vision_tower_path)")
-        if pixel_values.dim() == 6 and pixel_values.shape[2] == 1:  # [B, N, 1, 3, H, W], as the original accepts
-            pixel_values = pixel_values.squeeze(2)
-        if pixel_values.dim() == 5:
-            pixel_values = pixel_values.flatten(0, 1)  # [B*N, 3, H, W]
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must be [batch, images, 3, H, W], got {list(pixel_values.shape)}")
-        features = self.get_image_embeddings(pixel_values, self.vision_tower)  # [N, T, ve]
-        return self.vision_proj(features.to(self.vision_proj_dtype))  # [N, T, hidden]
-
-    @property
-    def vision_proj_dtype(self) -> torch.dtype:
-        return next(self.vision_proj.parameters()).dtype
-
-    def embed_vision_tower(self) -> None:
-        """Make checkpoints self-contained: the tower's weights and config are saved with the model from now on."""
-        if self.vision_tower is None or not hasattr(self.vision_tower.encoder, "config"):
-            raise ValueError("only a Hugging Face CLIP/SigLIP vision tower can be embedded in a checkpoint")
-        self.config.vision_config = self.vision_tower.encoder.config.to_dict()
-        self.config.vision_tower_path = None
-
-    # --- the language model: its layers, LoRA, what was trained ---
-    def lora_root(self) -> nn.Module:
-        """The module LoRA adapters go into (the language model without the vision parts)."""
-        return getattr(self, self.language_model_attr)
-
-    def decoder_layers(self) -> nn.ModuleList:
-        """The language model's decoder layers (what the freeze strategies count)."""
-        root = self.lora_root()
-        decoder = root.get_decoder() if hasattr(root, "get_decoder") else root
-        layers = getattr(decoder, "layers", None)
-        if not isinstance(layers, nn.ModuleList):
-            raise ValueError(f"cannot find the decoder layers of {type(root).__name__} (no `.layers`)")
-        return layers
-
-    def enable_lora(self, rank: int, alpha: float | None = None, dropout: float | None = None,
-                    targets: list[str] | None = None) -> None:
-        """Add LoRA adapters to a model that has none (recorded in the config, so checkpoints reload them)."""
-        if self.config.lora_rank:
-            raise ValueError(f"the model already has LoRA adapters (rank {self.config.lora_rank})")
-        for name, value in (("lora_alpha", alpha), ("lora_dropout", dropout), ("lora_targets", targets)):
-            if value is not None:
-                setattr(self.config, name, value)
-        self.config.lora_rank = rank
-        add_lora(self.lora_root(), self.config)
-
-    def merge_lora(self) -> None:
-        """Fold the adapters into the weights they adapt (for export); the model has no adapters afterwards."""
-        if self.config.lora_rank:
-            merge_lora(self.lora_root())
-            if self.config.llm_path:  # the merged weights now differ from the base: every adapted layer is saved
-                self.mark_trained(list(self.decoder_layers()))
-            self.config.lora_rank = 0
-
-    def mark_trained(self, modules: list[nn.Module]) -> None:
-        """Record that these language-model modules move away from the base weights (HF backbones save them)."""
-        if not self.config.llm_path:
-            return
-        names = {id(m): name for name, m in self.named_modules()}
-        self.config.trained_llm_parts = sorted(set(self.config.trained_llm_parts) |
-                                               {names[id(m)] + "." for m in modules})
-
-    def saves(self, key: str) -> bool:
-        """Whether a checkpoint holds this state-dict key."""
-        if key.startswith(TOWER_PREFIX):
-            return self.config.vision_config is not None
-        return True
-
-    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds (tied weights once)."""
-        seen, state = set(), {}
-        for key, value in self.state_dict().items():
-            if self.saves(key) and value.data_ptr() not in seen:
-                seen.add(value.data_ptr())
-                state[key] = value
-        return state
-
-    def load_checkpoint_state(self, weights: dict[str, torch.Tensor], source: object) -> None:
-        """Strict: exactly the keys `checkpoint_state_dict` names, with the same shapes."""
-        own = self.checkpoint_state_dict()
-        wrong = [f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(weights))
-                 if weights[k].shape != own[k].shape]
-        groups = {"missing": sorted(set(own) - set(weights)), "unexpected": sorted(set(weights) - set(own)),
-                  "shape-mismatched": wrong}
-        if any(groups.values()):
-            raise key_mismatch_error(source, groups)
-        check_finite(weights.items(), source)
-        with torch.no_grad():
-            for key, value in weights.items():
-                own[key].copy_(value)
-
-
-class MiniMindVLM(VisionLanguageMixin, MiniMindForCausalLM):
-    """`MiniMindVLM(params=config, vision_model_path=...)` as in the seeds, or `MiniMindVLM(config)` as in HF."""
-
-    def __init__(self, config: MiniMindVConfig | None = None, vision_model_path: str | None = _FROM_CONFIG, *,
+    def __init__(self, config: MiniMindVConfig | None = None, vision_model_path: str | None = FROM_CONFIG, *,
                  params: MiniMindVConfig | None = None):
         if (config is None) == (params is None):
             raise ValueError("pass the config once, as `config` or as the seeds' `params`")
@@ -248,6 +46,22 @@ class MiniMindVLM(VisionLanguageMixin, MiniMindForCausalLM):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder (embeddings, layers, final norm); the head `lm_head` is tied to its embeddings by default."""
+        return self.model
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def whole_language_model(self) -> list[nn.Module]:
+        return [self.model, self.lm_head]
+
+    @property
+    def supports_static_decode(self) -> bool:
+        """Dense MiniMind models decode through one fixed-shape step (MoE routing is data-dependent)."""
+        return not self.config.use_moe
 
     def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
@@ -276,7 +90,7 @@ class MiniMindVLM(VisionLanguageMixin, MiniMindForCausalLM):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args,
-                        vision_model_path: str | None = _FROM_CONFIG, **kwargs) -> "MiniMindVLM":
+                        vision_model_path: str | None = FROM_CONFIG, **kwargs) -> "MiniMindVLM":
         """Strict load: any missing, unexpected or mismatched weight is an error naming the keys. A local folder's
         config and weight headers are checked against each other before anything is allocated, and the loaded
         weights must be finite."""
@@ -292,59 +106,7 @@ class MiniMindVLM(VisionLanguageMixin, MiniMindForCausalLM):
         if model.config.vision_config is not None:  # embedded tower: loaded above; its processor sits beside it
             model.vision_tower.processor = load_image_processor(pretrained_model_name_or_path)
         else:
-            model._attach_tower_folder(model.config.vision_tower_path if vision_model_path == _FROM_CONFIG
+            model._attach_tower_folder(model.config.vision_tower_path if vision_model_path == FROM_CONFIG
                                        else vision_model_path, pretrained_model_name_or_path)
         check_finite(model.named_parameters(), folder)
         return (model, info) if want_info else model
-
-
-def build_vlm(config: MiniMindVConfig, vision_model_path: str | None = _FROM_CONFIG):
-    """A fresh VLM of the class the config asks for."""
-    from .backbone import HFBackboneVLM
-
-    cls = HFBackboneVLM if config.llm_path else MiniMindVLM
-    return cls(config, vision_model_path=vision_model_path)
-
-
-def load_vlm(folder: str | os.PathLike, vision_model_path: str | None = _FROM_CONFIG):
-    """A VLM folder written by `save_pretrained`, whichever language model it has."""
-    from .backbone import HFBackboneVLM
-
-    cls = HFBackboneVLM if read_config(folder).llm_path else MiniMindVLM
-    return cls.from_pretrained(folder, vision_model_path=vision_model_path)
-
-
-def check_loading_info(info: dict, source: object) -> None:
-    groups = {name: sorted(str(k) for k in info.get(f"{name}_keys", ())) for name in
-              ("missing", "unexpected", "mismatched")}
-    if any(groups.values()):
-        raise key_mismatch_error(source, groups)
-
-
-def key_mismatch_error(source: object, groups: dict[str, list[str]]) -> ValueError:
-    """One message for every strict load: each non-empty group of offending keys, named."""
-    return ValueError(f"checkpoint {source} does not match the model: " +
-                      "; ".join(f"{name} keys: {keys}" for name, keys in groups.items() if keys))
-
-
-def merge_image_features(embeds: torch.Tensor, input_ids: torch.LongTensor, features: torch.Tensor,
-                         image_token_id: int) -> torch.Tensor:
-    """Write image features over the placeholder embeddings.
-
-    embeds [B, L, H], input_ids [B, L], features [N, T, H] -> [B, L, H]. The placeholders, read row by row, must be
-    exactly N * T; otherwise (a missing image, an extra one, or a placeholder run cut by truncation) ValueError.
-    The k-th placeholder takes feature row k, as `masked_scatter` does, but through the placeholders' positions
-    (`nonzero_static`: the count is known) and `index_copy`, so neither direction makes the host wait for the GPU
-    (masked_scatter's backward runs masked_select, which does).
-    """
-    mask = input_ids == image_token_id  # [B, L]
-    if not torch.compiler.is_compiling() and int(mask.sum()) != features.shape[0] * features.shape[1]:
-        num_slots, num_features = int(mask.sum()), features.shape[0] * features.shape[1]
-        raise ValueError(f"input_ids hold {num_slots} image placeholder tokens (id {image_token_id}) but the "
-                         f"{features.shape[0]} image(s) give {num_features} features ({features.shape[1]} each); "
-                         "every image needs one complete placeholder run (was the prompt truncated?)")
-    if features.shape[0] == 0:
-        return embeds
-    rows = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # [N * T, H]
-    slots = torch.nonzero_static(mask.flatten(), size=rows.shape[0]).squeeze(1)  # [N * T] flat placeholder positions
-    return embeds.flatten(0, 1).index_copy(0, slots, rows).view_as(embeds)  # [B, L, H]

@@ -19,31 +19,25 @@ import torch
 def apply_freeze(model: torch.nn.Module, strategy: int) -> None:
     """0: LLM + projector, 1: projector + first and last decoder layers, 2: projector only. Tower: always frozen.
     With LoRA, the named layers' adapters train instead of their weights."""
-    if strategy not in (0, 1, 2):
-        raise ValueError(f"freeze strategy must be 0, 1 or 2, got {strategy}")
+    chosen = model.trainable_modules(strategy)  # the VLM says what a strategy trains
     model.requires_grad_(False)
     model.vision_proj.requires_grad_(True)
-    layers = model.decoder_layers()
-    chosen = {0: list(layers), 1: [layers[0], layers[-1]], 2: []}[strategy]
     if model.config.lora_rank:
-        for layer in chosen:
-            for name, param in layer.named_parameters():
+        for module in chosen:
+            for name, param in module.named_parameters():
                 param.requires_grad_(".lora_" in name)
         return
-    trained = [model.lora_root() if hasattr(model, "language_model") else model] if strategy == 0 else chosen
-    for module in trained:
+    for module in chosen:
         module.requires_grad_(True)
-    if model.vision_tower is not None:
-        model.vision_tower.requires_grad_(False)
-    model.mark_trained([model.lora_root()] if strategy == 0 else chosen)
+    model.mark_trained(chosen)
 
 
 def hold_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast the frozen base weights of a Hugging Face backbone (never saved) to the half-precision compute dtype."""
-    if hasattr(model, "language_model") and dtype != torch.float32:
-        for name, param in model.named_parameters():
-            if name.startswith("language_model.") and not param.requires_grad and not model.saves(name):
-                param.data = param.data.to(dtype)
+    """Cast the frozen base weights that no checkpoint holds (a Hugging Face backbone's) to the half-precision
+    compute dtype."""
+    if dtype != torch.float32:
+        for param in model.frozen_base_parameters():
+            param.data = param.data.to(dtype)
 
 
 def count_parameters(model: torch.nn.Module) -> dict:

@@ -34,7 +34,7 @@ from ..models.attention import PackedMask, varlen_ready
 from ..models.image_features import ImageFeatures, tower_id
 from ..models.vision_tower import image2tensor
 from ..build import training_model
-from ..models.vlm import MiniMindVLM
+from ..models.vlm_base import VisionLanguageModel
 from .checkpointing import (
     check_settings,
     load_resume_state,
@@ -117,7 +117,7 @@ class Trainer:
         if model is None:
             model, tokenizer = training_model(args)
         self.model, self.tokenizer = model, tokenizer
-        if args.packing and hasattr(self.model, "language_model"):
+        if args.packing and not self.model.supports_packing:
             raise ValueError("--packing needs the MiniMind language model (a Hugging Face backbone reads masks its "
                              "own way)")
         self._prepare_model()
@@ -317,11 +317,11 @@ class Trainer:
                 positions = batch["position_ids"].to(self.device, non_blocking=True)
             else:
                 mask, positions = batch["attention_mask"].to(self.device, non_blocking=True), None
-            chunked = self.args.chunked_loss and isinstance(self.model, MiniMindVLM)  # its output has the hidden
+            chunked = self.args.chunked_loss and self.model.supports_chunked_loss  # its output has the hidden
             out = self.wrapped(input_ids=ids, attention_mask=mask, position_ids=positions, image_features=features,
                                use_cache=False, logits_to_keep=1 if chunked else 0)
             labels = batch["labels"].to(self.device, non_blocking=True)  # a blocking copy would wait for the GPU
-            summed = (chunked_summed_loss(out.hidden_states, self.model.lm_head, labels) if chunked
+            summed = (chunked_summed_loss(out.hidden_states, self.model.get_output_embeddings(), labels) if chunked
                       else self.summed_loss(out.logits, labels))
         loss = summed * self.world / max(total_supervised, 1.0) + out.aux_loss / accum
         return loss, summed.detach().float()
@@ -337,7 +337,7 @@ def pixel_values(image, processor, dtype: torch.dtype = torch.float32) -> torch.
     return image2tensor(image, processor)[0].to(dtype)
 
 
-def make_dataset(args: TrainArgs, tokenizer, model: MiniMindVLM, stats: SkipStats, max_seq_len: int):
+def make_dataset(args: TrainArgs, tokenizer, model: VisionLanguageModel, stats: SkipStats, max_seq_len: int):
     if STAGES[args.stage]["text"]:
         return TextDataset(args.data, tokenizer, model.config, max_seq_len, stats=stats)
     return ConversationDataset(args.data, tokenizer, model.config, max_seq_len, image_root=args.image_root,
