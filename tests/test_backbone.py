@@ -54,7 +54,7 @@ def color_request(color=(220, 30, 30)):
 
 
 def first_batch_logits(model, trainer):
-    batch = next(trainer._loader([list(range(4))]))[0]
+    batch = next(trainer.batches([list(range(4))]))[0]
     features = trainer.features(batch["images"], batch["image_keys"], model.device)
     with torch.no_grad():
         return model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -67,7 +67,7 @@ def bench_train(work_dir: str, data: str | None = None, rows: int = 2400, steps:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     steps_run, losses = [], []
-    loader = trainer._loader([step for _, _, step in trainer.plan()[:warmup + steps]])  # one loader, all epochs
+    loader = trainer.batches([step for _, _, step in trainer.plan()[:warmup + steps]])  # one loader, all epochs
     for number in range(warmup + steps):
         if number == warmup:  # the clock starts once the warm-up steps have finished on the device
             synchronize(device)

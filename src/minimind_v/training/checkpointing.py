@@ -23,6 +23,8 @@ import os
 import random
 import re
 import shutil
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -91,26 +93,36 @@ def list_checkpoints(out: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(trainer, final: bool) -> str:
-    """Write, publish and prune (the main process; the others wait); the final one also becomes <out>/model."""
-    out, path = trainer.args.out_dir, checkpoint_path(trainer.args.out_dir, trainer.step)
-    if trainer.rank == 0:
+@dataclass
+class RunPosition:
+    """Where a run stands: optimizer steps done, and the epoch and step within it that come next."""
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+
+
+class TrainState(NamedTuple):
+    """What a checkpoint saves and a resume restores (besides the RNG states)."""
+    model: object
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+
+
+def save_checkpoint(out: str, parts: TrainState, at: RunPosition, final: bool, keep: int, main: bool) -> str:
+    """Write, publish and prune (the main process only); the final one also becomes <out>/model. -> its path."""
+    path = checkpoint_path(out, at.step)
+    if main:
         if not os.path.isdir(path):  # a re-run of a step already saved wrote the same bytes
-            write_checkpoint(path, trainer.model, trainer.tokenizer, resume_state(trainer, final))
-        prune(out, trainer.args.keep_checkpoints)
+            state = {**asdict(at), "optimizer": parts.optimizer.state_dict(), "final": final,
+                     "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
+                     "rng": _rng_states()}
+            write_checkpoint(path, parts.model, parts.tokenizer, state)
+        prune(out, keep)
         if final:
             publish_model(out, path)
-        if trainer.features is not None:
-            trainer.features.save()
-    if trainer.world > 1:
-        torch.distributed.barrier()
     return path
-
-
-def resume_state(trainer, final: bool) -> dict:
-    return {"step": trainer.step, "epoch": trainer.epoch, "position": trainer.position,
-            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-            "scaler": trainer.scaler.state_dict(), "rng": _rng_states(), "final": final}
 
 
 def write_checkpoint(path: str, model, tokenizer, state: dict) -> None:
@@ -189,26 +201,24 @@ def verify_checkpoint(path: str) -> None:
             raise ValueError(f"{file} is damaged ({what}); delete {path} to resume from the checkpoint before it")
 
 
-def load_resume_state(trainer) -> None:
-    """Continue from the newest checkpoint in <out>/checkpoints (verified); ValueError when there is none."""
-    out = trainer.args.out_dir
+def load_resume_state(out: str, parts: TrainState, main: bool) -> RunPosition:
+    """Restore `parts` and the RNG states from the newest checkpoint in <out>/checkpoints (verified) -> where the
+    run stands; ValueError when there is none."""
     found = list_checkpoints(out)
     if not found:
         raise ValueError(NO_CHECKPOINT.format(out=out))
-    step, path = found[-1]
+    _, path = found[-1]
     verify_checkpoint(path)
     state = _read_state(os.path.join(path, RESUME_FILE))
     weights = os.path.join(path, "model", "model.safetensors")
-    trainer.model.load_checkpoint_state(read_weights(weights), source=weights)
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.scaler.load_state_dict(state["scaler"])
-    trainer.step, trainer.epoch, trainer.position = state["step"], state["epoch"], state["position"]
-    if trainer.position >= trainer.steps_per_epoch:  # resumed at an epoch boundary
-        trainer.epoch, trainer.position = trainer.epoch + 1, 0
+    parts.model.load_checkpoint_state(read_weights(weights), source=weights)
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    parts.scaler.load_state_dict(state["scaler"])
     _set_rng_states(state["rng"])
-    if state["final"] and trainer.rank == 0 and not os.path.isdir(os.path.join(out, FINAL_MODEL)):
+    if state["final"] and main and not os.path.isdir(os.path.join(out, FINAL_MODEL)):
         publish_model(out, path)  # a kill came between the final checkpoint and <out>/model
+    return RunPosition(state["step"], state["epoch"], state["position"])
 
 
 def _read_state(path: str) -> dict:

@@ -35,12 +35,7 @@ from ..models.image_features import ImageFeatures, tower_id
 from ..models.vision_tower import image2tensor
 from ..build import training_model
 from ..models.vlm_base import VisionLanguageModel
-from .checkpointing import (
-    check_settings,
-    load_resume_state,
-    open_run_folder,
-    save_checkpoint,
-)
+from .checkpointing import RunPosition, TrainState, check_settings, load_resume_state, open_run_folder, save_checkpoint
 from .guards import SkipGuard, StopRequest, TrainingInterrupted, check_finite_loss
 from .loss import chunked_summed_loss, summed_loss
 from .optim import (
@@ -134,9 +129,28 @@ class Trainer:
         self.guard = SkipGuard(args.max_skip_rate, self.world, self.device)
         check_settings(args.out_dir, self.settings(), args.resume, main=self.rank == 0)
         if args.resume:
-            load_resume_state(self)
+            self._resume_from(load_resume_state(args.out_dir, self.state(), main=self.rank == 0))
         self.log = RunLog(args.out_dir, main=self.rank == 0, loggers=args.loggers, total=self.total_steps,
                           resumed_at=self.step if args.resume else None)
+
+    def state(self) -> TrainState:
+        """What a checkpoint saves."""
+        return TrainState(self.model, self.tokenizer, self.optimizer, self.scheduler, self.scaler)
+
+    def save(self, final: bool) -> str:
+        """A checkpoint of where the run stands (the main process writes; the others wait) -> its path."""
+        path = save_checkpoint(self.args.out_dir, self.state(), RunPosition(self.step, self.epoch, self.position),
+                               final, self.args.keep_checkpoints, main=self.rank == 0)
+        if self.features is not None and self.rank == 0:
+            self.features.save()
+        if self.world > 1:
+            torch.distributed.barrier()
+        return path
+
+    def _resume_from(self, at: RunPosition) -> None:
+        self.step, self.epoch, self.position = at.step, at.epoch, at.position
+        if self.position >= self.steps_per_epoch:  # resumed at an epoch boundary
+            self.epoch, self.position = self.epoch + 1, 0
 
     def _prepare_data(self) -> None:
         """The dataset (samples within max_seq_len and the model's context), image features, the step counts."""
@@ -150,7 +164,7 @@ class Trainer:
         self.stats = SkipStats()
         self.dataset = make_dataset(args, self.tokenizer, self.model, self.stats, self.max_seq_len)
         tower = self.model.vision_tower
-        self.features = (ImageFeatures(tower, args.feature_cache, tower_id(config, tower)) if tower is not None else None)
+        self.features = ImageFeatures(tower, args.feature_cache, tower_id(config, tower)) if tower is not None else None
         if self.features is not None and args.num_workers > 0 and args.feature_cache is None:  # in the workers
             half = torch.float16 if self.device.type == "cuda" else torch.float32  # half the bytes to ship
             self.dataset.transform = functools.partial(pixel_values, processor=tower.processor, dtype=half)
@@ -202,7 +216,7 @@ class Trainer:
         except BaseException:
             self.log.close()  # the message that follows starts on its own line
             raise
-        save_checkpoint(self, final=True)
+        self.save(final=True)
         summary = {"steps": self.step, "seconds": round(time.time() - start, 1), "skipped": self.stats.summary(),
                    **self.params, **last}
         self.log.finish(summary)
@@ -213,7 +227,7 @@ class Trainer:
         plan, last = self.plan(), {}
         self.guard.start(len(plan) * self.global_batch)
         with StopRequest(enabled=self.world == 1) as stop:
-            for (epoch, position, _), batches in zip(plan, self._loader([step for _, _, step in plan])):
+            for (epoch, position, _), batches in zip(plan, self.batches([step for _, _, step in plan])):
                 self.epoch = epoch
                 self.step, self.position = self.step + 1, position + 1
                 self.guard.count(batches)
@@ -221,7 +235,7 @@ class Trainer:
                 if self.position >= self.steps_per_epoch:
                     self.epoch, self.position = epoch + 1, 0
                 if stop.requested:
-                    path = save_checkpoint(self, final=False)
+                    path = self.save(final=False)
                     raise TrainingInterrupted(f"interrupted at step {self.step} of {self.total_steps}; checkpoint "
                                               f"{path}; the same command with --resume continues the run")
         return last
@@ -236,8 +250,9 @@ class Trainer:
             plan += [(epoch, position, steps[position]) for position in range(first, len(steps))]
         return plan[:max(0, self.total_steps - self.step)]
 
-    def _loader(self, steps: list[list[int]]):
-        """Yield each step's micro-batches for this process, collated (workers decode images in parallel)."""
+    def batches(self, steps: list[list[int]]):
+        """Each step's micro-batches for this process, collated (loader workers decode images in parallel); `steps`
+        as `plan()` gives them."""
         micro = [mb for step in steps for mb in micro_batches(step, self.rank, self.world, self.args.grad_accum)]
         pad = self.tokenizer.pad_token_id
         batcher = (functools.partial(pack, max_len=self.max_seq_len, pad_token_id=pad, one_row=self.one_row)
@@ -270,7 +285,7 @@ class Trainer:
         if self.world == 1 or record is not None:  # under torchrun, at logging steps: where all ranks meet
             self.guard.check(self.step, self.stats.summary)
         if args.save_every and self.step % args.save_every == 0:
-            save_checkpoint(self, final=False)
+            self.save(final=False)
         if args.evaluate is not None and args.eval_every and self.step % args.eval_every == 0 and self.rank == 0:
             self.log.write({"step": self.step, **args.evaluate(self.model)})
         if self.features is not None and self.rank == 0 and self.step % max(1, self.steps_per_epoch) == 0:
