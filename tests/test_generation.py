@@ -84,6 +84,23 @@ def test_stop_string_length_and_eos(engine):
     finally:
         engine.eos_ids.discard(eos)
     assert ended.finish_reason == "stop" and ended.token_ids == free.token_ids[:free.token_ids.index(eos)]
+    engine.eos_ids.add(eos)
+    try:  # a benchmark's request decodes to its limit whatever the model says
+        ignored = engine.generate([ask("go", max_new_tokens=12, ignore_eos=True)])[0]
+    finally:
+        engine.eos_ids.discard(eos)
+    assert ignored.finish_reason == "length" and ignored.token_ids == free.token_ids
+
+
+def test_a_request_is_tokenized_once(engine, monkeypatch):
+    """The server checks a request (encode) before it queues it; decoding it then does not tokenize it again."""
+    request, calls = ask("count me"), []
+    real = type(engine.tokenizer).__call__
+    monkeypatch.setattr(type(engine.tokenizer), "__call__",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    ids = engine.encode(request)
+    result = engine.generate([request])[0]
+    assert len(calls) == 1 and request.prompt_ids is ids and result.prompt_tokens == len(ids)
 
 
 def test_stream_deltas_add_up_and_never_show_a_stop_string(engine):

@@ -226,10 +226,10 @@ def test_a_huge_prompt_is_refused_before_tokenizing(slow, client, monkeypatch):
         return real(self, text, *args, **kwargs)
 
     monkeypatch.setattr(tokenizer_class, "__call__", counting)
-    huge = "a" * (engine.max_prompt_chars + 1)
+    huge = "a" * (engine.prompts.max_prompt_chars + 1)
     status, _, body = post(slow["url"], {"model": "tiny", "messages": [{"role": "user", "content": huge}]})
     assert status == 400 and body["error"]["code"] == "invalid_prompt" and "characters" in body["error"]["message"]
-    assert not any(n > engine.max_prompt_chars for n in lengths)
+    assert not any(n > engine.prompts.max_prompt_chars for n in lengths)
     word = "word " * 400  # within the character bound but over the context: refused from its tokens
     status, _, body = post(slow["url"], {"model": "tiny", "messages": [{"role": "user", "content": word}]})
     assert status == 400 and body["error"]["code"] == "invalid_prompt" and "tokens" in body["error"]["message"]

@@ -1,7 +1,8 @@
 """Generation: a preallocated KV cache, sampling, the batched streaming engine every surface uses, and the worker
 thread that owns an engine for servers."""
 
-from .engine import Engine, GenerationRequest, GenerationResult, RequestError, StreamDelta
+from .engine import Engine
+from .requests import GenerationRequest, GenerationResult, RequestError, StreamDelta
 from .sampling import SamplingError, SamplingParams
 from .worker import EngineWorker, Job, ServerBusy, WorkerStopped
 

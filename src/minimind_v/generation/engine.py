@@ -17,114 +17,29 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 from PIL import Image
 
-from ..config import IMAGE_MARKER
-from ..data.processing import chat_prompt, check_placeholders, expand_image_markers
 from ..models.image_features import ImageFeatures
 from ..models.vision_tower import image2tensor
 from .kv_cache import PreallocatedCache
-from .sampling import SamplingParams, TokenChooser
+from .requests import GenerationRequest, GenerationResult, PromptEncoder, RequestError, StreamDelta
+from .rows import Row
+from .sampling import TokenChooser
 from .static_decode import DecoderPool, static_possible
 
 
-class RequestError(ValueError):
-    """A request the engine cannot serve (wrong image count, prompt too long, ...): the caller's mistake."""
-
-
 @dataclass
-class GenerationRequest:
-    """`messages` (role/content dicts, run through the chat template) or a raw `text` prompt; `<image>` marks
-    where each of `images` goes, in order: PIL images, or the tower's pixel values [3, H, W] from
-    `Engine.pixel_values` (all of one kind within a batch). Setting `cancel` ends the request at the next step."""
-    messages: list[dict] | None = None
-    text: str | None = None
-    images: list[Image.Image | torch.Tensor] = field(default_factory=list)
-    params: SamplingParams = field(default_factory=SamplingParams)
-    image_keys: list[str] = field(default_factory=list)  # content keys, when the engine has a feature cache
-    cancel: threading.Event | None = None
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled" (text: what was released)
-    prompt_tokens: int
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens after the first (which prefill produced) per second of decoding."""
-        return max(self.completion_tokens - 1, 0) / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-
-@dataclass
-class StreamDelta:
-    index: int  # which request
-    text: str  # new text since this request's previous delta
-    result: GenerationResult | None = None  # set on the request's last delta
-
-
-class _Row:
-    """One request's decoding state: tokens, the text released so far, stop handling."""
-
-    def __init__(self, engine: "Engine", prompt_ids: list[int], params: SamplingParams, max_new: int):
-        self.engine, self.prompt_ids, self.params, self.max_new = engine, prompt_ids, params, max_new
-        self.tokens: list[int] = []
-        self.text, self.released, self.finish = "", 0, None
-        self.prefix = self.read = 0  # the text of tokens[:read] is in self.text; tokens[prefix:read] give context
-        self.pad = 0  # left-padding columns before this row's prompt in the batch
-
-    def push(self, token: int) -> str:
-        """Take one generated token; return the newly releasable text."""
-        if token in self.engine.eos_ids:
-            self.finish = "stop"
-            self._detokenize(final=True)
-            return self._release(len(self.text))
-        self.tokens.append(token)
-        self._detokenize(final=len(self.tokens) >= self.max_new)
-        hits = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
-        if hits:
-            self.text, self.finish = self.text[:min(hits)], "stop"
-            return self._release(len(self.text))
-        if len(self.tokens) >= self.max_new:
-            self.finish = "length"
-            return self._release(len(self.text))
-        return self._release(self._safe_end())
-
-    def _detokenize(self, final: bool) -> None:
-        """Extend the text by the new tokens, decoding only a short window (not the whole answer every step); a
-        partial multi-byte character waits for its remaining bytes unless this is the end."""
-        decode = self.engine.tokenizer.decode
-        before = decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
-        after = decode(self.tokens[self.prefix:], skip_special_tokens=True)
-        if final or not after.endswith("\ufffd"):
-            self.text += after[len(before):]
-            self.prefix, self.read = self.read, len(self.tokens)
-
-    def _safe_end(self) -> int:
-        """Hold back a partial multi-byte character and any tail that could begin a stop string."""
-        end = len(self.text.rstrip("\ufffd"))
-        for stop in self.params.stop:
-            for k in range(min(len(stop) - 1, end), 0, -1):
-                if self.text[:end].endswith(stop[:k]):
-                    end -= k
-                    break
-        return max(end, self.released)
-
-    def _release(self, end: int) -> str:
-        delta, self.released = self.text[self.released:end], max(self.released, end)
-        return delta
+class DecodeState:
+    """A batch between steps: its cache (or fixed-shape decoder), the padding mask, the tokens so far, the logits."""
+    cache: object  # PreallocatedCache, or the decoder's own
+    mask: torch.Tensor | None  # [B, L + max_new]: 1 on real tokens (None: no padding)
+    decoder: object | None  # a fixed-shape step (static_decode.py), or None: step by step
+    history: torch.Tensor  # [B, L + steps]: the tokens so far, for repetition penalties
+    logits: torch.Tensor  # [B, V]: the next token's
 
 
 class Engine:
@@ -144,11 +59,8 @@ class Engine:
         self.eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos_ids.discard(None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
-        self.context = model.config.max_position_embeddings
-        # No token covers more characters than the longest vocabulary entry (for byte-level BPE its length is its
-        # byte count), and Unicode normalization composes at most 4 characters into 1: a prompt text longer than
-        # this cannot fit the context, whatever its tokens, and is refused before tokenizing.
-        self.max_prompt_chars = 4 * self.context * max(map(len, tokenizer.get_vocab()))
+        self.prompts = PromptEncoder(tokenizer, model.config, takes_images=self.features is not None)
+        self.context = self.prompts.context
         self.lock = threading.Lock()
 
     @property
@@ -166,10 +78,7 @@ class Engine:
     def check_prompt_size(self, request: GenerationRequest) -> None:
         """RequestError when the prompt's text is too long to fit the context whatever its tokens (cheap: counts
         characters, before the slow tokenization of a huge text)."""
-        chars = len(request.text or "") + sum(len(str(m.get("content") or "")) for m in request.messages or [])
-        if chars > self.max_prompt_chars:
-            raise RequestError(f"the prompt is {chars} characters; no prompt over {self.max_prompt_chars} characters "
-                               f"fits this model's context of {self.context} tokens")
+        self.prompts.check_prompt_size(request)
 
     def pixel_values(self, image: Image.Image) -> torch.Tensor:
         """An RGB image -> the vision tower's pixel values [3, H, W]: what a request can carry instead of the image
@@ -179,29 +88,9 @@ class Engine:
         return image2tensor(image, self.features.tower.processor)[0]  # [1, 3, H, W] -> [3, H, W]
 
     def encode(self, request: GenerationRequest) -> list[int]:
-        """Prompt token ids, after checking images against `<image>` markers and the context length."""
-        if (request.messages is None) == (request.text is None):
-            raise RequestError("give either chat messages or a raw text prompt")
-        self.check_prompt_size(request)
-        config = self.model.config
-        if request.messages is not None:
-            markers = sum(str(m.get("content", "")).count(IMAGE_MARKER) for m in request.messages)
-            text = chat_prompt(self.tokenizer, config, request.messages)
-        else:
-            markers, text = request.text.count(IMAGE_MARKER), expand_image_markers(request.text, config)
-        if markers != len(request.images):
-            raise RequestError(f"the prompt has {markers} <image> marker(s) but {len(request.images)} image(s) "
-                               "were given")
-        if request.images and self.features is None:
-            raise RequestError("this model has no vision tower, so it cannot take images")
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        try:
-            check_placeholders(ids, markers, config)
-        except ValueError as err:  # e.g. a literal placeholder typed into a message, or a foreign tokenizer
-            raise RequestError(str(err)) from None
-        if len(ids) >= self.context:
-            raise RequestError(f"the prompt is {len(ids)} tokens; this model's context is {self.context} tokens")
-        return ids
+        """Prompt token ids, checked (images against `<image>` markers, the context length); a request is tokenized
+        once (the ids are kept on it)."""
+        return self.prompts.encode(request)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
@@ -215,13 +104,14 @@ class Engine:
         rows = []
         for r in requests:
             ids = self.encode(r)
-            rows.append(_Row(self, ids, r.params, min(r.params.max_new_tokens, self.context - len(ids))))
+            rows.append(Row(self.tokenizer.decode, self.eos_ids, ids, r.params,
+                            min(r.params.max_new_tokens, self.context - len(ids))))
         with self.lock:
             yield from self._decode(rows, requests)
 
     # Inference mode is thread-local and a streaming caller (a web server) may resume this generator on another
     # thread, so each step enters it afresh and no `yield` happens inside it.
-    def _decode(self, rows: list[_Row], requests: list[GenerationRequest]) -> Iterator[StreamDelta]:
+    def _decode(self, rows: list[Row], requests: list[GenerationRequest]) -> Iterator[StreamDelta]:
         start, prefill_done = time.perf_counter(), None
         cancels = [r.cancel for r in requests]
         yield from self._cancelled(rows, cancels, start, start)
@@ -235,7 +125,7 @@ class Engine:
             if all(row.finish is not None for row in rows):
                 return
             with torch.inference_mode():
-                tokens = self._choose(rows, choosers, state["history"], state["logits"])  # a list: device done
+                tokens = self._choose(rows, choosers, state.history, state.logits)  # a list: device done
             prefill_done = prefill_done or time.perf_counter()  # prefill = time to the first token
             for i, (row, token) in enumerate(zip(rows, tokens)):
                 if row.finish is None:
@@ -249,7 +139,7 @@ class Engine:
             with torch.inference_mode():
                 self._advance(state, rows, tokens)
 
-    def _cancelled(self, rows: list[_Row], cancels: Iterable[threading.Event | None], start: float,
+    def _cancelled(self, rows: list[Row], cancels: Iterable[threading.Event | None], start: float,
                    prefill_done: float) -> Iterator[StreamDelta]:
         """Finish every unfinished row whose request is cancelled: its last delta, finish_reason "cancelled" and
         the text released so far."""
@@ -270,7 +160,7 @@ class Engine:
         keys = [key for r in requests for key in (r.image_keys or [""] * len(r.images))]
         return ids, mask, self.features(images, keys, self.device)
 
-    def _prefill(self, rows: list[_Row], requests: list[GenerationRequest]) -> dict:
+    def _prefill(self, rows: list[Row], requests: list[GenerationRequest]) -> DecodeState:
         """Run the prompts (images spliced in) into a fresh cache; the decoding state."""
         ids, mask, features = self.prepare(requests, [row.prompt_ids for row in rows])  # [B, L], [B, L]
         batch, length = ids.shape
@@ -285,23 +175,22 @@ class Engine:
         full_mask[:, :length] = mask
         out = self.model(input_ids=ids, attention_mask=mask if padded else None, image_features=features,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return {"cache": cache, "mask": full_mask if padded else None, "length": length, "decoder": decoder,
-                "history": ids, "logits": out.logits[:, -1]}  # history [B, L + steps]: for repetition penalties
+        return DecodeState(cache, full_mask if padded else None, decoder, ids, out.logits[:, -1])
 
-    def _advance(self, state: dict, rows: list[_Row], tokens: list[int]) -> None:
+    def _advance(self, state: DecodeState, rows: list[Row], tokens: list[int]) -> None:
         """Feed each row's new token (a pad for finished rows) and keep the next logits [B, V]."""
         feed = torch.tensor([[t if row.finish is None else self.pad_id] for row, t in zip(rows, tokens)],
                             device=self.device)  # [B, 1]
-        state["history"] = torch.cat([state["history"], feed], dim=1)
-        seen = state["history"].shape[1]
-        if state["decoder"] is not None:  # the fed token sits at buffer position seen - 1
-            state["logits"] = state["decoder"].step(feed, seen - 1)
+        state.history = torch.cat([state.history, feed], dim=1)
+        seen = state.history.shape[1]
+        if state.decoder is not None:  # the fed token sits at buffer position seen - 1
+            state.logits = state.decoder.step(feed, seen - 1)
             return
-        mask = state["mask"][:, :seen] if state["mask"] is not None else None
-        out = self.model(input_ids=feed, attention_mask=mask, past_key_values=state["cache"], use_cache=True)
-        state["logits"] = out.logits[:, -1]
+        mask = state.mask[:, :seen] if state.mask is not None else None
+        out = self.model(input_ids=feed, attention_mask=mask, past_key_values=state.cache, use_cache=True)
+        state.logits = out.logits[:, -1]
 
-    def _choose(self, rows: list[_Row], choosers: list[TokenChooser], history: torch.Tensor,
+    def _choose(self, rows: list[Row], choosers: list[TokenChooser], history: torch.Tensor,
                 logits: torch.Tensor) -> list[int]:
         """Next token of every row: one batched argmax when every row is plain greedy, else row by row."""
         if all(not c.processors and c.params.greedy for c in choosers):
@@ -310,7 +199,7 @@ class Engine:
                 for i, (row, c) in enumerate(zip(rows, choosers))]
 
     @staticmethod
-    def _result(row: _Row, start: float, prefill_done: float) -> GenerationResult:
+    def _result(row: Row, start: float, prefill_done: float) -> GenerationResult:
         now = time.perf_counter()
         return GenerationResult(row.text, list(row.tokens), row.finish, len(row.prompt_ids),
                                 round(prefill_done - start, 6), round(now - prefill_done, 6))

@@ -10,6 +10,7 @@ Valid settings (anything else is a `SamplingError` naming the field, before any 
     repetition_penalty   a finite number from MIN_PENALTY to MAX_PENALTY (1: off)
     stop                 at most MAX_STOPS strings, each 1 to MAX_STOP_CHARS characters
     seed                 None or a 64-bit signed integer; a negative seed is mapped into the generator's range
+    ignore_eos           True: decode to max_new_tokens whatever the model says (benchmarks)
 
 With these bounds the warped logits stay finite (|logit| / 1e-5 / 0.01 is far from float32's limit), so sampling
 never meets a NaN.
@@ -58,6 +59,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # decode to max_new_tokens whatever the model says (benchmarks)
 
     def __post_init__(self):
         for name, ok, message in self._checks():
