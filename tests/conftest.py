@@ -1,69 +1,17 @@
-"""Shared fixtures: tiny random vision towers and a tiny byte-level tokenizer, built and saved by the tests."""
+"""Shared fixtures: tiny random vision towers, a tiny byte-level tokenizer, a saved tiny model and a training
+workspace, built once and saved to temporary folders (the helpers they use are in helpers.py)."""
 
 from __future__ import annotations
 
-import io
 import json
-import os
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerFast, SiglipImageProcessorPil,
-                          SiglipVisionConfig, SiglipVisionModel)
 
-from minimind_v import MiniMindVConfig
-from minimind_v.training.trainer import TrainArgs
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repository
-GENERATOR = SHARED / "bench" / "make_vlm_parquet.py"
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def save_clip(path, hidden: int = 32, image_size: int = 32, patch: int = 8, heads: int = 4):
-    """A full random CLIPModel folder (text half included, as openai/clip-vit-base-patch16) + its processor."""
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=heads,
-                           image_size=image_size, patch_size=patch),
-        projection_dim=16)
-    CLIPModel(config).save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                       crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
-    return str(path)
-
-
-def save_siglip(path, hidden: int = 32, image_size: int = 32, patch: int = 8):
-    torch.manual_seed(0)
-    config = SiglipVisionConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                image_size=image_size, patch_size=patch)
-    SiglipVisionModel(config).save_pretrained(path)
-    SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(path)
-    return str(path)
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE without merges: 3 ChatML specials, then the 256 byte symbols (so '@' is id 34, as in MiniMind)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=259, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["hello world"], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", model_max_length=4096)
-    fast.chat_template = CHATML
-    assert fast.convert_tokens_to_ids("@") == 34
-    return fast
+from helpers import COLORS, build_tokenizer, png, save_clip, save_siglip, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -81,14 +29,6 @@ def tokenizer():
     return build_tokenizer()
 
 
-def tiny_config(**overrides) -> MiniMindVConfig:
-    """A 2-layer, 64-wide VLM config matching the 32-wide, 16-token tiny towers above."""
-    base = dict(vocab_size=300, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                intermediate_size=128, max_position_embeddings=512, image_special_token="@" * 16,
-                image_ids=[34] * 16, ve_hidden_size=32)
-    return MiniMindVConfig(**{**base, **overrides})
-
-
 @pytest.fixture(scope="session")
 def model_dir(clip_dir, tokenizer, tmp_path_factory):
     """A tiny random VLM saved as a model folder (tokenizer included), and blue.png beside it."""
@@ -100,20 +40,6 @@ def model_dir(clip_dir, tokenizer, tmp_path_factory):
     tokenizer.save_pretrained(path)
     Image.new("RGB", (40, 30), (20, 120, 220)).save(path.parent / "blue.png")
     return path
-
-
-# --- a tiny training workspace (text JSONL + conversation parquet + CLIP tower), shared by the training tests
-
-MODEL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, intermediate_size=96,
-             max_position_embeddings=256, image_special_token="@" * 16, image_ids=[34] * 16, ve_hidden_size=32,
-             vision_tower_kind="clip")
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-
-
-def png(color) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), color).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -131,15 +57,3 @@ def workspace(tmp_path_factory):
                              "image_bytes": pa.array([r[1] for r in rows], type=pa.binary())}), root / "sft.parquet")
     return {"root": root, "tokenizer": str(root / "tokenizer"), "text": str(root / "text.jsonl"),
             "sft": str(root / "sft.parquet"), "clip": save_clip(root / "clip")}
-
-
-def args_for(ws, stage, out, **kw) -> TrainArgs:
-    data = ws["text"] if stage == "pretrain-llm" else ws["sft"]
-    base = dict(stage=stage, data=data, out_dir=str(out), tokenizer=ws["tokenizer"], vision=ws["clip"],
-                overrides=dict(MODEL), batch_size=8, lr=3e-3, max_seq_len=64, log_every=1, warmup_ratio=0.1,
-                device="cpu")  # test_train_options.py runs the numeric options on a GPU too
-    return TrainArgs(**{**base, **kw})
-
-
-def weights(out) -> dict:
-    return load_file(os.path.join(out, "model", "model.safetensors"))

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from conftest import args_for, build_tokenizer
+from helpers import args_for, build_tokenizer
 from minimind_v.cli import main
 from minimind_v.generation import Engine, GenerationRequest, SamplingParams
 from minimind_v.build import load_for_inference

@@ -6,7 +6,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import GENERATOR
+from helpers import GENERATOR
 from minimind_v.cli import main
 from minimind_v.bench.reference import find_generator, find_reference_tokenizer, make_reference_data
 

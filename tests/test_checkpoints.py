@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import save_clip, save_siglip
+from helpers import save_clip, save_siglip
 from minimind_v import MiniMindVConfig, MiniMindVLM
 from minimind_v.interop.original import SHAPE_FIELDS, detect_config, load_original, read_original, save_original
 from minimind_v.interop.export import convert, same_tensors

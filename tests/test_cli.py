@@ -5,7 +5,7 @@ import subprocess
 
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from minimind_v import MiniMindVLM
 from minimind_v.cli import main
 from minimind_v.diagnose import active_parameters, diagnose

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_tokenizer, tiny_config
+from helpers import build_tokenizer, tiny_config
 from minimind_v import MiniMindVLM
 from minimind_v.cli import main
 from minimind_v.config import MiniMindVConfig

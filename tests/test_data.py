@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import CHATML, GENERATOR, build_tokenizer, tiny_config
+from helpers import CHATML, GENERATOR, build_tokenizer, tiny_config
 from minimind_v.data.batching import collate
 from minimind_v.config import IGNORE_INDEX
 from minimind_v.data.datasets import ConversationDataset, Sample, TextDataset

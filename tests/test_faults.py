@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import MODEL, args_for, weights
+from helpers import MODEL, args_for, weights
 from minimind_v.cli import main
 from minimind_v.training import checkpointing
 from minimind_v.training.checkpointing import list_checkpoints

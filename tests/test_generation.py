@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicCache
 
-from conftest import tiny_config
+from helpers import tiny_config
 from minimind_v import MiniMindVLM
 from minimind_v.data.processing import chat_prompt
 from minimind_v.generation import Engine, GenerationRequest, RequestError, SamplingParams

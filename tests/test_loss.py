@@ -30,7 +30,7 @@ def test_chunked_loss_equals_the_plain_loss(dtype):
 
 
 def test_training_with_the_chunked_loss_reaches_the_same_weights(workspace, tmp_path):
-    from conftest import args_for, weights
+    from helpers import args_for, weights
     from minimind_v.training.trainer import Trainer
 
     for chunked in (False, True):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import args_for, weights
+from helpers import args_for, weights
 from minimind_v.data.batching import collate
 from minimind_v.data.batching import first_fit, pack
 from minimind_v.models import attention

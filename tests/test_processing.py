@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from minimind_v import MiniMindVConfig
 from minimind_v.data.processing import chat_prompt, encode_prompt, placeholder_text
 

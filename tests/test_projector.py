@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config
+from helpers import tiny_config
 from minimind_v import MiniMindVConfig, MiniMindVLM
 from minimind_v.models.projector import CrossAttnProjector
 
@@ -83,7 +83,7 @@ def test_the_training_loop_trains_a_cross_attn_model(workspace, tmp_path):
     import json
 
     from minimind_v.training.trainer import Trainer
-    from conftest import MODEL, args_for
+    from helpers import MODEL, args_for
 
     overrides = dict(MODEL, projector_type="cross_attn", projector_heads=4, image_special_token="@" * 4,
                      image_ids=[34] * 4)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import build_tokenizer, save_clip, tiny_config
+from helpers import build_tokenizer, save_clip, tiny_config
 from minimind_v import MiniMindVLM, VLLMconfig, get_model_configs  # noqa: F401  (the seed's names)
 
 CLIP_REL = os.path.join("models", "clip-vit-base-patch16")

@@ -15,7 +15,7 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from conftest import tiny_config  # noqa: E402
+from helpers import tiny_config  # noqa: E402
 from minimind_v import MiniMindVLM  # noqa: E402
 from minimind_v.generation import Engine  # noqa: E402
 from minimind_v.serving.openai_api import ServerSettings, create_app  # noqa: E402

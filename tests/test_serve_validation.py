@@ -15,7 +15,7 @@ from PIL import Image
 pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from conftest import tiny_config  # noqa: E402
+from helpers import tiny_config  # noqa: E402
 from minimind_v import MiniMindVLM  # noqa: E402
 from minimind_v.generation import Engine, SamplingError, SamplingParams  # noqa: E402
 from minimind_v.serving.openai_api import ServerSettings, create_app  # noqa: E402

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from minimind_v import MiniMindVLM
 from minimind_v.generation import (Engine, EngineWorker, GenerationRequest, SamplingParams, ServerBusy,
                                    WorkerStopped)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import COLORS, args_for, tiny_config, weights
+from helpers import COLORS, args_for, tiny_config, weights
 from minimind_v import MiniMindVLM
 from minimind_v.cli import main
 from minimind_v.evaluate import QAItem, generate_answers, normalize_answer, score

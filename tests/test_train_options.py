@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minimind_v.training.trainer import Trainer
-from conftest import args_for, weights
+from helpers import args_for, weights
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

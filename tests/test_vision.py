@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionModel, SiglipVisionModel
 
-from conftest import save_clip, save_siglip
+from helpers import save_clip, save_siglip
 from minimind_v import load_vision_tower
 from minimind_v.models.vision_tower import image2tensor, to_rgb
 

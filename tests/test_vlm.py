@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import save_clip, save_siglip, tiny_config
+from helpers import save_clip, save_siglip, tiny_config
 from minimind_v import PRESETS, MiniMindVConfig, MiniMindVLM
 from minimind_v.models.vlm_base import merge_image_features
 

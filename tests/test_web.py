@@ -13,7 +13,7 @@ from PIL import Image
 gradio = pytest.importorskip("gradio")
 playwright = pytest.importorskip("playwright.sync_api")
 
-from conftest import tiny_config  # noqa: E402
+from helpers import tiny_config  # noqa: E402
 from minimind_v import MiniMindVLM  # noqa: E402
 from minimind_v.data.processing import tokenize_conversation  # noqa: E402
 from minimind_v.generation import Engine, EngineWorker, GenerationRequest, SamplingParams  # noqa: E402
