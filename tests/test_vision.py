@@ -106,4 +106,26 @@ def test_feature_caches_of_towers_that_give_other_token_counts_are_apart():
                                image_ids=[34] * 8) for n in (16, 49)]
     towers = [load_vision_tower("efficientnet-lite0", num_tokens=n) for n in (16, 49)]
     assert tower_id(configs[0], towers[0]) != tower_id(configs[1], towers[1])
-    assert tower_id(configs[0], towers[0]) == tower_id(configs[0], load_vision_tower("efficientnet-lite0", num_tokens=16))
+    again = load_vision_tower("efficientnet-lite0", num_tokens=16)
+    assert tower_id(configs[0], towers[0]) == tower_id(configs[0], again)
+
+
+def test_efficientnet_pads_to_a_square_and_its_multiscale_tokens_extend_the_last_map():
+    """Nothing of a wide image is cropped away (the padding takes the border's colour), and the multiscale tower's
+    tokens start with exactly the plain tower's (its extra 272 channels are earlier layers pooled onto each cell)."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from minimind_v.models.efficientnet import EFFICIENTNET_MULTISCALE, IMAGENET_MEAN, IMAGENET_STD
+    from minimind_v.models.vision_tower import load_vision_tower
+
+    plain, multi = (load_vision_tower(name, num_tokens=16) for name in ("efficientnet-lite0", EFFICIENTNET_MULTISCALE))
+    wide = Image.new("RGB", (80, 20), (200, 30, 30))
+    wide.paste((10, 200, 10), (76, 8, 80, 12))  # a green mark at the right edge: it must survive
+    pixels = plain.processor(wide)["pixel_values"]  # [1, 3, 128, 128]
+    assert tuple(pixels.shape) == (1, 3, 128, 128)
+    rgb = pixels[0] * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    assert torch.allclose(rgb[:, 0, 0], torch.tensor([200, 30, 30]) / 255, atol=0.02)  # padding: the border colour
+    assert rgb[1, 64, 124:].max() > 0.5  # the green mark, at the right edge of the middle row
+    with torch.no_grad():
+        a, b = plain(pixels), multi(pixels)
+    assert tuple(a.shape) == (1, 16, 1280) and tuple(b.shape) == (1, 16, 1552)
+    torch.testing.assert_close(b[..., :1280], a)

@@ -28,7 +28,8 @@ CONFIG_MODULE = "configuration_minimind_v"
 MODELING_MODULE = "modeling_minimind_v"
 # the modeling files, in dependency order; they land flat in the export folder
 MODEL_FILES = ("norm.py", "rope.py", "attention.py", "mlp.py", "language_model.py", "projector.py", "lora.py",
-               "vision_tower.py", "safe_loading.py", "vlm_base.py", "compat.py", "vlm.py", "backbone.py")
+               "vision_tower.py", "efficientnet.py", "safe_loading.py", "vlm_base.py", "compat.py", "vlm.py",
+               "backbone.py")
 
 
 def save_hf_folder(model: MiniMindVLM, out: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> None:

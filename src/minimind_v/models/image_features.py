@@ -2,8 +2,8 @@
 
 A frozen tower gives the same features for the same image every time, so `ImageFeatures` keys them by the image's
 content (`bytes_key`: sha256 of its encoded bytes, the one place that key is computed) and by the tower
-(`tower_id`), computes only what is missing, and can keep them on disk (`<dir>/<tower_id>.safetensors`, fp16) so that later epochs, stages and runs
-skip the tower entirely.
+(`tower_id`), computes only what is missing, and can keep them on disk (`<dir>/<tower_id>.safetensors`, fp16) so
+that later epochs, stages and runs skip the tower entirely - or in memory only, for an evaluation.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ logger = logging.getLogger(__name__)
 
 
 def tower_id(config, tower: VisionTower) -> str:
-    """What identifies a tower's features: where it comes from, its kind, and the tokens and width it gives (the
-    tower's own count: a cross_attn projector's placeholder run says nothing about it)."""
-    text = f"{config.vision_tower_path}|{config.vision_tower_kind}|{tower.num_tokens}|{tower.hidden_size}"
+    """What identifies a tower's features: where it comes from, its kind, the tokens and width it gives (the
+    tower's own count: a cross_attn projector's placeholder run says nothing about it) and its image processor."""
+    text = (f"{config.vision_tower_path}|{config.vision_tower_kind}|{tower.num_tokens}|{tower.hidden_size}|"
+            f"{type(tower.processor).__name__}")  # how images are prepared is part of what the features mean
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -42,10 +43,13 @@ def pixel_key(image: Image.Image) -> str:
 class ImageFeatures:
     """images (+ content keys) -> tower features [N, T, D] on `device`, cached by key when a cache is enabled."""
 
-    def __init__(self, tower: VisionTower, cache_dir: str | None = None, name: str = "tower", batch_size: int = 256):
+    def __init__(self, tower: VisionTower, cache_dir: str | None = None, name: str = "tower", batch_size: int = 256,
+                 in_memory: bool = False):
+        """`cache_dir`: keep the features there (and in memory); `in_memory`: keep them in memory only (an
+        evaluation that asks several questions about each image runs the tower once per image)."""
         self.tower, self.batch_size = tower, batch_size
         self.path = os.path.join(cache_dir, f"{name}.safetensors") if cache_dir else None
-        self.cache: dict[str, torch.Tensor] | None = None if cache_dir is None else {}
+        self.cache: dict[str, torch.Tensor] | None = {} if cache_dir is not None or in_memory else None
         self.dirty = False
         if self.path and os.path.isfile(self.path):
             try:

