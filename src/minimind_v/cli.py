@@ -7,21 +7,7 @@ import json
 import os
 import sys
 
-from .config import PRESETS, MiniMindVConfig
-
-
-def parse_overrides(items: list[str]) -> dict[str, object]:
-    """['hidden_size=64', 'use_moe=true'] -> {'hidden_size': 64, 'use_moe': True} (JSON values, else strings)."""
-    overrides: dict[str, object] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
-    return overrides
+from .config import PRESETS, MiniMindVConfig, parse_overrides
 
 
 def load_model(args: argparse.Namespace):
@@ -85,15 +71,24 @@ def _evaluator(path: str, image_root: str | None, limit: int | None, train_args)
 def cmd_eval(args: argparse.Namespace) -> int:
     from .build import load_model as load_saved
     from .data.skips import SkipStats
-    from .evaluate import evaluate, load_qa_jsonl
+    from .evaluate import evaluate, evaluate_with_baselines, load_qa_jsonl, report_table
 
     stats = SkipStats()
     items = load_qa_jsonl(args.data, args.image_root, stats)[:args.limit]
     model, tokenizer = load_saved(args.model, args.tokenizer)
-    report = evaluate(model.eval(), tokenizer, items, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      stats=stats)
+    run = evaluate_with_baselines if args.baselines else evaluate
+    report = run(model.eval(), tokenizer, items, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                 stats=stats)
     print(json.dumps(report, indent=2, ensure_ascii=False))
-    print(report["skipped"], file=sys.stderr)
+    print(report_table(report) + "\n" + report["skipped"], file=sys.stderr)
+    return 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from .data.world import write_world
+
+    counts = write_world(args.out, args.train_scenes, args.test_scenes, args.seed)
+    print(f"wrote {args.out}/train.parquet, test.jsonl, images/: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     return 0
 
 
@@ -139,12 +134,20 @@ def add_other_parsers(sub) -> None:
     ev = sub.add_parser("eval", help="exact-match accuracy of generated answers on a question/answer JSONL")
     ev.add_argument("--model", required=True)
     ev.add_argument("--data", required=True, help='JSONL of {"question", "answer", "image", "type"}')
-    ev.add_argument("--image-root")
+    ev.add_argument("--image-root", help="folder the image paths are relative to (default: the data file's)")
     ev.add_argument("--tokenizer")
     ev.add_argument("--limit", type=int)
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--baselines", action="store_true",
+                    help="also score the questions blind (a blank image) and shuffled (another item's image)")
     ev.set_defaults(func=cmd_eval)
+    world = sub.add_parser("world", help="write a procedural visual world: scenes with questions per skill "
+                                         "(count, relation, binding, existence, reading, caption)")
+    world.add_argument("out", help="folder for train.parquet, test.jsonl and images/")
+    for flag, default in (("--train-scenes", 4000), ("--test-scenes", 500), ("--seed", 0)):
+        world.add_argument(flag, type=int, default=default)
+    world.set_defaults(func=cmd_world)
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="action", required=True)
     tok_train = tok_sub.add_parser("train", help="train a byte-level BPE with ChatML and image placeholder tokens")
@@ -155,7 +158,7 @@ def add_other_parsers(sub) -> None:
     tok_train.set_defaults(func=cmd_tokenizer)
     demo = sub.add_parser("demo", help="train a VLM end to end on the CPU from packaged data (easy-vqa)")
     demo.add_argument("--out", default="minimind-v-demo")
-    demo.add_argument("--size", default="default", choices=["default", "large", "quick"])  # demo.SIZES
+    demo.add_argument("--size", default="default", choices=["default", "world", "quick"])  # demo.SIZES
     demo.set_defaults(func=cmd_demo)
 
 

@@ -11,6 +11,7 @@ Presets: `MiniMindVConfig.from_name("minimind2-v", num_hidden_layers=4)`.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import field, fields
 from typing import Any
 
@@ -234,3 +235,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "minimind-3v": _MINIMIND_3V,  # SigLIP B/32-256, 64 tokens, LayerNorm+MLP projector, q/k norm
     "minimind-3v-moe": {**_MINIMIND_3V, "use_moe": True, "n_routed_experts": 4},
 }
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """['hidden_size=64', 'use_moe=true'] -> {'hidden_size': 64, 'use_moe': True} (JSON values, else strings)."""
+    overrides: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return overrides

@@ -8,20 +8,22 @@ from a feature cache.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import re
 import string
 from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .data.images import DEFAULT_LIMITS, ImageLimits, load_image
 from .config import IMAGE_MARKER
+from .data.images import DEFAULT_LIMITS, ImageLimits, load_image
 from .data.skips import BAD_JSON, BAD_RECORD, SkipRecord, SkipStats
+from .models.image_features import ImageFeatures, pixel_key
 
 UNUSABLE_PROMPT = "question the model cannot take"
-from .models.image_features import ImageFeatures, pixel_key
 
 _PUNCTUATION = set(string.punctuation) | set("。，！？；：“”‘’（）、")
 
@@ -49,6 +51,7 @@ def load_qa_jsonl(path: str, image_root: str | None = None, stats: SkipStats | N
     if not os.path.isfile(path):
         raise FileNotFoundError(f"evaluation data {path!r} does not exist")
     stats = stats if stats is not None else SkipStats()
+    image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
     items = []
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
@@ -81,7 +84,7 @@ def _qa_item(line: bytes, image_root: str | None, limits: ImageLimits) -> QAItem
         raise SkipRecord(BAD_RECORD, f"'image' must be a path or a list of paths, got {paths!r:.60}")
     if paths and IMAGE_MARKER not in question:
         question = IMAGE_MARKER * len(paths) + "\n" + question
-    loaded = [load_image(os.path.join(image_root, p) if image_root else p, limits) for p in paths]
+    loaded = [load_image(os.path.join(image_root, p), limits) for p in paths]
     qtype = record.get("type")
     return QAItem(question, str(answer), [image for image, _ in loaded], [key for _, key in loaded],
                   qtype if isinstance(qtype, str) else None)
@@ -100,7 +103,8 @@ def generate_answers(model, tokenizer, items: list[QAItem], features: ImageFeatu
         requests = [GenerationRequest(messages=[{"role": "user", "content": item.question}], images=item.images,
                                       params=params, image_keys=item.image_keys or [pixel_key(i) for i in item.images])
                     for item in items[start:start + batch_size]]
-        usable = [_takes(engine, request, f"item {number}", stats) for number, request in enumerate(requests, start + 1)]
+        usable = [_takes(engine, request, f"item {number}", stats)
+                  for number, request in enumerate(requests, start + 1)]
         results = iter(engine.generate([r for r, ok in zip(requests, usable) if ok]) if any(usable) else ())
         answers += [next(results).text.strip() if ok else None for ok in usable]
     return answers
@@ -152,3 +156,70 @@ def evaluate(model, tokenizer, items: list[QAItem], features: ImageFeatures | No
     return {**score(items, predictions), "skipped": stats.summary(), "examples": [
         {"question": re.sub(r"(<image>)+", "<image>", i.question), "answer": i.answer, "prediction": p}
         for i, p in list(zip(items, predictions))[:5] if p is not None]}
+
+
+def baseline_items(items: list[QAItem], kind: str, seed: int = 0) -> list[QAItem]:
+    """The same questions without the right image: "blind" shows a blank mid-grey image of the same size, "shuffled"
+    another image of the set (never the item's own: images are dealt out again by a seeded derangement)."""
+    if kind == "blind":
+        return [dataclasses.replace(item, images=[Image.new("RGB", image.size, (128, 128, 128))
+                                                  for image in item.images], image_keys=[]) for item in items]
+    if kind != "shuffled":
+        raise ValueError(f"unknown baseline {kind!r}: blind or shuffled")
+    distinct = list({id(image): image for item in items for image in item.images}.values())
+    if len(distinct) < 2:
+        raise ValueError("a shuffled baseline needs at least two different images")
+    order = list(range(len(distinct)))
+    random.Random(seed).shuffle(order)
+    dealt = {id(distinct[order[k]]): distinct[order[(k + 1) % len(order)]] for k in range(len(order))}
+    return [dataclasses.replace(item, images=[dealt[id(image)] for image in item.images], image_keys=[])
+            for item in items]
+
+
+def evaluate_with_baselines(model, tokenizer, items: list[QAItem], features: ImageFeatures | None = None,
+                            batch_size: int = 64, max_new_tokens: int = 16, stats: SkipStats | None = None) -> dict:
+    """`evaluate`, then the same questions blind and shuffled: per question type, the accuracy, both baselines and
+    the margin over the better of them (a skill the model learned from the image has a wide margin). Without
+    `features`, the tower runs once per distinct image (features kept in memory)."""
+    features = features if features is not None else ImageFeatures(model.vision_tower, in_memory=True)
+    report = evaluate(model, tokenizer, items, features, batch_size, max_new_tokens, stats)
+    report["baselines"] = {kind: {k: v for k, v in evaluate(model, tokenizer, baseline_items(items, kind), features,
+                                                             batch_size, max_new_tokens).items()
+                                  if k in ("accuracy", "per_type")} for kind in ("blind", "shuffled")}
+    blind, shuffled = report["baselines"]["blind"], report["baselines"]["shuffled"]
+    for qtype, row in report.get("per_type", {}).items():
+        row["blind"] = blind["per_type"][qtype]["accuracy"]
+        row["shuffled"] = shuffled["per_type"][qtype]["accuracy"]
+        row["margin"] = row["accuracy"] - max(row["blind"], row["shuffled"])
+    return report
+
+
+def report_table(report: dict) -> str:
+    """The report's accuracy per question type as a Markdown table (with the baselines when it has them)."""
+    rows = report.get("per_type") or {"all": {"accuracy": report["accuracy"], "total": report["total"]}}
+    baselines = "baselines" in report
+    head = "| type | n | accuracy |" + (" blind | shuffled | margin |" if baselines else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, row in rows.items():
+        cells = [name, str(row["total"]), f"{row['accuracy']:.2%}"]
+        if baselines:
+            cells += [f"{row['blind']:.2%}", f"{row['shuffled']:.2%}", f"{row['margin'] * 100:+.1f} pt"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def caption_scores(references: list[str], predictions: list[str | None]) -> dict:
+    """Generated scene descriptions against the true ones: the share naming exactly the scene's objects (colour and
+    kind, in any order: world.caption_objects) and corpus BLEU (sacrebleu, when installed)."""
+    from .data.world import caption_objects
+
+    pairs = [(r, p) for r, p in zip(references, predictions, strict=True) if p is not None]
+    exact = sum(caption_objects(p) == caption_objects(r) for r, p in pairs)
+    report = {"accuracy": exact / max(1, len(pairs)), "correct": exact, "total": len(pairs)}
+    try:
+        import sacrebleu
+    except ImportError:
+        report["bleu"] = None
+    else:
+        report["bleu"] = sacrebleu.corpus_bleu([p for _, p in pairs], [[r for r, _ in pairs]]).score
+    return report

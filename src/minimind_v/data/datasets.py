@@ -53,12 +53,15 @@ class _RecordDataset(Dataset, abc.ABC):
         self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
         self.stats = stats if stats is not None else SkipStats()
         self.records: list[dict] = []
+        shared: dict[bytes, bytes] = {}  # an image that several records ask about is kept in memory once
         for record in iter_records(path, image_root, self.stats):
             try:
                 self._check(record)
             except SkipRecord as skip:
                 self.stats.add(skip.reason, f"{path}: {skip.detail}")
                 continue
+            if record.get("images"):
+                record["images"] = [shared.setdefault(i, i) if isinstance(i, bytes) else i for i in record["images"]]
             self.records.append(record)
         if not self.records:
             raise ValueError(f"no usable records in {os.fspath(path)!r}: {self.stats.summary()}")

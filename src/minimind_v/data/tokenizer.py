@@ -116,8 +116,8 @@ def wrap_tokenizer(bpe: Tokenizer) -> PreTrainedTokenizerFast:
 
 def train_from_files(files: str | os.PathLike | Iterable[str | os.PathLike], vocab_size: int = 6400,
                      out_dir: str | os.PathLike = "tokenizer", min_frequency: int = 2) -> str:
-    """`minimind-v tokenizer train`: train on .txt/.json/.jsonl/.parquet files (see `iter_text_files`), save to `out_dir`,
-    return a one-paragraph summary (vocab size, texts read, skipped records, output folder)."""
+    """`minimind-v tokenizer train`: train on .txt/.json/.jsonl/.parquet files (see `iter_text_files`), save to
+    `out_dir`, return a one-paragraph summary (vocab size, texts read, skipped records, output folder)."""
     paths = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     if not paths:
         raise ValueError("no data files given")

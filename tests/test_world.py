@@ -1,0 +1,139 @@
+"""The drawn data: the renderer's colour names stay true, easy-vqa's questions on drawn shapes are right, the world
+generator is deterministic and its answers hold on hand-checked scenes, held-out pairs stay out of training, and the
+blind and shuffled baselines really take the image away."""
+
+import colorsys
+import hashlib
+import json
+import random
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from minimind_v.data.easy_shapes import make_split, questions, render_single, render_single_mpl
+from minimind_v.data.render import COLOR_BOXES, COLORS, PURE, Style, sample_color
+from minimind_v.data.world import HELD_OUT, Scene, Thing, caption, caption_objects, sample_scene, write_world
+from minimind_v.data.world_questions import questions as world_questions
+from minimind_v.evaluate import QAItem, baseline_items, caption_scores
+
+
+def name_of(rgb) -> set[str]:
+    """Every colour name whose HSV box holds `rgb`."""
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    hue = h * 360
+    found = set()
+    for name, (hues, sats, vals) in COLOR_BOXES.items():
+        in_hue = hues is None or any(hues[0] - 1 <= x <= hues[1] + 1 for x in (hue, hue - 360))
+        if in_hue and sats[0] - 0.01 <= s <= sats[1] + 0.01 and vals[0] - 0.01 <= v <= vals[1] + 0.01:
+            found.add(name)
+    return found
+
+
+def test_sampled_colours_keep_their_name_and_the_boxes_do_not_overlap():
+    rng = random.Random(0)
+    for name in COLORS:
+        for _ in range(200):
+            assert name_of(sample_color(name, rng, pure=False)) == {name}
+        assert sample_color(name, rng, pure=True) == PURE[name]
+    assert name_of((0, 128, 0)) == {"green"} and name_of((0, 255, 0)) == {"green"}  # PIL's and easy-vqa's green
+
+
+def test_easy_vqa_questions_on_drawn_shapes_are_right():
+    rng = random.Random(1)
+    for _ in range(50):
+        color, shape = rng.choice(COLORS), rng.choice(("circle", "rectangle", "triangle"))
+        for q, a, kind in questions(color, shape, rng, count=30):
+            if kind == "color":
+                assert a == color
+            elif kind == "shape":
+                assert a == shape
+            else:
+                thing = (q.split(" a ", 1)[1] if " a " in q else q.removeprefix("is no ")).split("?")[0]
+                thing = thing.replace(" in the image", "").replace(" present", "")
+                present = thing in (shape, f"{color} shape")
+                negated = " not " in q or q.startswith("is no ")
+                assert a == ("yes" if present != negated else "no"), (q, a, color, shape)
+
+
+def test_renders_are_seeded_and_within_their_style():
+    first, again = make_split(20, Style.shifted(), seed=3), make_split(20, Style.shifted(), seed=3)
+    assert [(q, a, t, im.tobytes()) for q, a, t, im in first] == [(q, a, t, im.tobytes()) for q, a, t, im in again]
+    rng = random.Random(4)
+    for _ in range(30):
+        image, color, shape = render_single(Style.shifted(), rng)
+        assert 32 <= min(image.size) <= 512 and max(image.size) <= 2 * min(image.size) + 1
+        image, color, shape = render_single_mpl(rng)
+        assert image.mode == "RGB" and 32 <= min(image.size)
+
+
+def scene() -> Scene:
+    return Scene((Thing("circle", "red", 0.15, 0.5, 0.08), Thing("star", "blue", 0.85, 0.5, 0.08),
+                  Thing("triangle", "red", 0.5, 0.15, 0.08)))
+
+
+def test_world_answers_on_a_hand_checked_scene():
+    asked = {}
+    for seed in range(200):
+        for q, a, skill in world_questions(scene(), random.Random(seed)):
+            asked[q] = (a, skill)
+    expected = {"how many shapes are there?": "3", "how many red shapes are there?": "2",
+                "how many blue shapes are there?": "1", "how many green shapes are there?": "0",
+                "how many stars are there?": "1", "how many hearts are there?": "0",
+                "is the red circle left of the blue star?": "yes", "is the blue star left of the red circle?": "no",
+                "is the red triangle above the red circle?": "yes", "what is left of the blue star?": None,
+                "what color is the star?": "blue", "what color is the circle?": "red",
+                "what is the blue shape?": "star", "is there a blue star?": "yes", "is there a blue circle?": "no",
+                "describe the image.": "a red circle, a red triangle and a blue star."}
+    for q, a in expected.items():
+        if a is None:
+            assert q not in asked  # two things are left of the star: no single answer, never asked
+        elif q in asked:
+            assert asked[q][0] == a, q
+    assert {"count", "relation", "binding", "caption"} <= {s for _, s in asked.values()}
+    assert asked["is there a blue circle?"][1] == "existence (adversarial)"  # blue and circle both present
+    assert caption(scene()) == "a red circle, a red triangle and a blue star."
+
+
+def test_the_world_is_deterministic_and_holds_pairs_out_of_training(tmp_path):
+    counts = write_world(str(tmp_path / "a"), 60, 40, seed=5)
+    write_world(str(tmp_path / "b"), 60, 40, seed=5)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(tmp_path / "a" / "test.jsonl") == digest(tmp_path / "b" / "test.jsonl")
+    train = pq.read_table(tmp_path / "a" / "train.parquet").to_pydict()
+    assert train == pq.read_table(tmp_path / "b" / "train.parquet").to_pydict()
+    assert {k.split(" ", 1)[1] for k in counts} >= {"count", "binding", "caption", "reading"}
+    held = {f"{c} {k}" for c, k in HELD_OUT}
+    captions = [json.loads(c)[1]["content"] for c, s in zip(train["conversations"], train["skill"]) if s == "caption"]
+    assert not any(h in c for c in captions for h in held)
+    tests = [json.loads(line) for line in open(tmp_path / "a" / "test.jsonl")]
+    assert any(h in t["answer"] for t in tests if t["type"] == "caption" for h in held)
+    assert all((tmp_path / "a" / t["image"]).is_file() for t in tests)
+    rng = random.Random(0)
+    assert all(len({(t.color, t.kind) for t in s.things}) == len(s.things)
+               for s in (sample_scene(rng, "train") for _ in range(200)))
+
+
+def test_baselines_take_the_image_away():
+    images = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(4)]
+    items = [QAItem("<image>\nq", "a", [images[i // 2]], qtype="t") for i in range(8)]  # two questions an image
+    blind = baseline_items(items, "blind")
+    assert all(im.getpixel((0, 0)) == (128, 128, 128) for item in blind for im in item.images)
+    shuffled = baseline_items(items, "shuffled", seed=1)
+    assert all(s.images[0] is not i.images[0] for s, i in zip(shuffled, items))
+    assert sorted(id(s.images[0]) for s in shuffled) == sorted(id(i.images[0]) for i in items)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baseline_items(items, "upside-down")
+
+
+def test_captions_are_scored_by_the_objects_they_name():
+    truth = "a red circle, a blue star and a green triangle."
+    assert caption_objects("a green triangle, a red circle and a blue star.") == caption_objects(truth)
+    assert caption_objects("a red circle and a blue star.") != caption_objects(truth)  # one missing
+    assert caption_objects("a red circle, a blue heart and a green triangle.") != caption_objects(truth)  # wrong kind
+    assert caption_objects('the word "cat" written in red.') == ("word", "cat")
+    scores = caption_scores([truth, truth, 'the word "cat" written in red.'],
+                            ["a green triangle, a red circle and a blue star.", "a red circle.", None])
+    assert (scores["correct"], scores["total"]) == (1, 2)  # None: a question the model could not take
+    if scores["bleu"] is not None:
+        assert 0 < scores["bleu"] < 100
