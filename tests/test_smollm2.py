@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from minimind_v.cli import main
-from minimind_v.demo import prepare_data
+from minimind_v.demo import DemoSize, prepare_data
 from minimind_v.generation import Engine, GenerationRequest, SamplingParams
 from minimind_v.build import load_for_inference
 from minimind_v.training.trainer import TrainArgs, Trainer
@@ -29,7 +29,7 @@ VISION = dict(image_token_len=16, ve_hidden_size=1280, projector_type="mlp", vis
 
 @pytest.fixture(scope="module")
 def easy_vqa(tmp_path_factory):
-    return prepare_data(str(tmp_path_factory.mktemp("easy_vqa")), 64)
+    return prepare_data(str(tmp_path_factory.mktemp("easy_vqa")), DemoSize(preset={}, limit=64, renders=0))
 
 
 def train(data: dict, out, **kw) -> Trainer:

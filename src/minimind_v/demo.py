@@ -1,11 +1,14 @@
 """`minimind-v demo`: train a VLM end to end on a CPU with what registry packages ship, nothing downloaded.
 
-    easy-vqa (4,000 train / 1,000 test shape images, 13 answers)  ->  tokenizer  ->  pretrain-llm on the demo's text
-    ->  pretrain-vlm on captions derived from each image's answers (projector only)  ->  sft on the questions
-    ->  exact-match evaluation on the test split  ->  a few answers about real photos (scikit-image's samples)
+    easy-vqa (4,000 train images, 13 answers) + 4,000 shapes drawn here (render.py: other sizes, aspect ratios,
+    rotations, backgrounds, antialiasing, blur, JPEG, colour noise) [+ the visual world's scenes, `--size world`]
+    ->  tokenizer  ->  pretrain-llm on the questions and answers  ->  pretrain-vlm on each image's caption (projector
+    only)  ->  sft on the questions  ->  exact match on easy-vqa's test split, on held-out renders and on shapes drawn
+    by another rasteriser (matplotlib), with blind and shuffled baselines [and the world's skills and captions]
+    ->  answers about sample images written to <out>/samples and about real photos (scikit-image's)
 
-The vision tower is the ImageNet-pretrained EfficientNet-Lite0 (frozen); its features are computed once per image and
-cached on disk, so later epochs and stages never run it again.
+The vision tower is the ImageNet-pretrained EfficientNet-Lite0 (frozen, multiscale tokens); its features are computed
+once per image and cached on disk, so later epochs and stages never run it again - the drawn training images too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import time
 from dataclasses import dataclass
 
@@ -20,19 +24,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .device import pick_device
-from .evaluate import QAItem, evaluate
+from .evaluate import (QAItem, caption_scores, evaluate, evaluate_with_baselines, generate_answers,
+                       load_qa_jsonl, report_table)
+from .data.render import COLORS
+from .models.efficientnet import EFFICIENTNET_MULTISCALE, MULTISCALE_WIDTH
 from .models.image_features import ImageFeatures, bytes_key, tower_id
 from .models.vision_tower import to_rgb
 
-COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
-SHAPES = {"circle", "rectangle", "triangle"}
+WORLD_CAPTION = "describe the image."
+DICTIONARY_LIMIT = 1 << 30
+
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
 
 
 @dataclass
 class DemoSize:
-    """How big and how long: the default meets the 10-minute CPU target, `large` the 99% target; `quick` is CI's
-    reduced chain."""
+    """How big and how long: `default` (easy-vqa's skills), `world` (and the visual world's), `quick` (CI's reduced
+    chain)."""
     preset: dict
     vocab_size: int = 512
     llm_epochs: int = 1
@@ -41,16 +49,24 @@ class DemoSize:
     batch_size: int = 64
     lr: float = 2e-3
     limit: int | None = None  # train questions used (None: all 38,575); test questions likewise
+    renders: int = 4000  # training images drawn by render.py (Style.train()), 6 questions each
+    tower: str = EFFICIENTNET_MULTISCALE
+    eval_renders: int = 500  # images of each drawn evaluation set
+    world: int = 0  # training scenes of the visual world (world.py); 0: easy-vqa's skills only
+    world_test: int = 400
+    max_seq_len: int = 128
 
 
 MODEL = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-             intermediate_size=384, max_position_embeddings=512, image_token_len=16, ve_hidden_size=1280,
+             intermediate_size=384, max_position_embeddings=512, image_token_len=16, ve_hidden_size=MULTISCALE_WIDTH,
              projector_type="mlp", vision_tower_kind="efficientnet")
 SIZES = {
     "default": DemoSize(preset=MODEL),
-    # the same model on EfficientNet's full 7x7 grid (224 px input) and longer training: >= 99% on easy-vqa
-    "large": DemoSize(preset={**MODEL, "image_token_len": 49}, vlm_epochs=4, sft_epochs=8),
-    "quick": DemoSize(preset=MODEL, sft_epochs=1, batch_size=16, limit=256),  # CI's reduced run
+    # easy-vqa and the visual world's skills (counting, relations, binding, existence, reading, captions)
+    "world": DemoSize(preset=MODEL, world=8000),
+    # CI's reduced chain: every stage and every evaluation (a small world included), in a few minutes
+    "quick": DemoSize(preset=MODEL, sft_epochs=1, batch_size=16, limit=256, renders=40, eval_renders=20, world=30,
+                      world_test=20),
 }
 
 
@@ -58,57 +74,80 @@ def question_type(answer: str) -> str:
     return "yes/no" if answer in ("yes", "no") else "color" if answer in COLORS else "shape"
 
 
-def easy_vqa_split(split: str, limit: int | None) -> list[tuple[str, str, bytes]]:
-    """(question, answer, PNG bytes) of a split, in the package's order."""
-    import easy_vqa
-
-    questions, answers, image_ids = (easy_vqa.get_train_questions() if split == "train"
-                                     else easy_vqa.get_test_questions())
-    paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
-    images: dict[int, bytes] = {}
-    rows = []
-    for q, a, i in list(zip(questions, answers, image_ids))[:limit]:
-        if i not in images:
-            with open(paths[i], "rb") as f:
-                images[i] = f.read()
-        rows.append((q, a, images[i]))
-    return rows
-
-
-def caption(answers: list[str]) -> str:
-    """'a blue circle.' from an image's answers (every easy-vqa image shows one shape)."""
-    color = next((a for a in answers if a in COLORS), None)
-    shape = next((a for a in answers if a in SHAPES), "shape")
-    return f"a {color + ' ' if color else ''}{shape}."
-
-
 def write_parquet(path: str, rows: list[tuple[list[dict], bytes]]) -> None:
+    """The original's layout; an image asked about several times is stored once (parquet's dictionary encoding)."""
     table = pa.table({"conversations": [json.dumps(c, ensure_ascii=False) for c, _ in rows],
                       "image_bytes": pa.array([b for _, b in rows], type=pa.binary())})
-    pq.write_table(table, path)
+    pq.write_table(table, path, dictionary_pagesize_limit=DICTIONARY_LIMIT)
 
 
-def prepare_data(out: str, limit: int | None) -> dict[str, str]:
-    """Write the three stages' files; return their paths."""
+def conversations(rows: list[tuple[str, str, bytes]]) -> list[tuple[list[dict], bytes]]:
+    """One conversation per question: the image, the question, the answer. (Several questions of an image in one
+    conversation train faster but answer worse: later turns learn to lean on the earlier answers.)"""
+    return [([{"role": "user", "content": "<image>\n" + q}, {"role": "assistant", "content": a}], image)
+            for q, a, image in rows]
+
+
+def drawn_items(kind: str, images: int, seed: int) -> list[QAItem]:
+    """Evaluation items on drawn images: "renders" (this renderer, held-out seed) or "shifted" (matplotlib, with
+    backgrounds, outlines and shapes no training image has), 6 questions an image."""
+    from .data.easy_shapes import questions, render_single, render_single_mpl
+    from .data.render import Style
+
+    rng, items = random.Random(seed), []
+    for _ in range(images):
+        image, color, shape = render_single(Style.train(), rng) if kind == "renders" else render_single_mpl(rng)
+        items += [QAItem("<image>\n" + q, a, [image], qtype=t) for q, a, t in questions(color, shape, rng, 6)]
+    return items
+
+
+def prepare_data(out: str, size: DemoSize) -> dict[str, str]:
+    """Write the three stages' files (easy-vqa's training split, the renders, the world's training scenes) and the
+    world's test set; return their paths."""
+    from .data.easy_shapes import describe, easy_vqa_split, rendered_rows
+
     os.makedirs(out, exist_ok=True)
-    train = easy_vqa_split("train", limit)
-    by_image: dict[bytes, list[str]] = {}
-    for _, a, image in train:
-        by_image.setdefault(image, []).append(a)
-    captions = {image: caption(answers) for image, answers in by_image.items()}
+    rows = easy_vqa_split("train", size.limit) + rendered_rows(size.renders, seed=0)
+    answers: dict[bytes, list[str]] = {}
+    for _, a, image in rows:
+        answers.setdefault(image, []).append(a)
+    captions = {image: describe(a) for image, a in answers.items()}
+    if size.world:
+        world_rows = world_training_rows(os.path.join(out, "world"), size)
+        captions.update({image: a for q, a, image in world_rows if q == WORLD_CAPTION})
+        rows += world_rows
+    chats = conversations(rows)
     paths = {name: os.path.join(out, name) for name in ("text.jsonl", "captions.parquet", "sft.parquet")}
+    texts: dict[bytes, list[str]] = {}  # pretrain-llm's text: an image's questions and answers, and its caption
+    for q, a, image in rows:
+        texts.setdefault(image, []).append(f"{q} {a}.")
     with open(paths["text.jsonl"], "w", encoding="utf-8") as f:
-        for q, a, image in train:
-            f.write(json.dumps({"text": f"{q} {a}. this image shows {captions[image]}"}) + "\n")
+        for image, lines in texts.items():
+            f.write(json.dumps({"text": " ".join(lines) + f" this image shows {captions[image]}"}) + "\n")
     user = lambda text: {"role": "user", "content": "<image>\n" + text}  # noqa: E731
-    write_parquet(paths["captions.parquet"], [([user("describe the image."), {"role": "assistant", "content": c}], b)
+    write_parquet(paths["captions.parquet"], [([user(WORLD_CAPTION), {"role": "assistant", "content": c}], b)
                                               for b, c in captions.items()])
-    write_parquet(paths["sft.parquet"], [([user(q), {"role": "assistant", "content": a}], b) for q, a, b in train])
+    write_parquet(paths["sft.parquet"], chats)
     return paths
+
+
+def world_training_rows(folder: str, size: DemoSize) -> list[tuple[str, str, bytes]]:
+    """Write the world (train.parquet, test.jsonl, images/) into `folder`; -> its training rows."""
+    from .data.world import write_world
+
+    write_world(folder, size.world, size.world_test, seed=0)
+    table = pq.read_table(os.path.join(folder, "train.parquet"), columns=["conversations", "image_bytes"])
+    rows = []
+    for chat, image in zip(table.column("conversations").to_pylist(), table.column("image_bytes").to_pylist()):
+        user, assistant = json.loads(chat)
+        rows.append((user["content"].removeprefix("<image>\n"), assistant["content"], image))
+    return rows
 
 
 def test_items(limit: int | None) -> list[QAItem]:
     from PIL import Image
+
+    from .data.easy_shapes import easy_vqa_split
 
     decoded: dict[bytes, object] = {}
     items = []
@@ -123,7 +162,8 @@ def train_stage(stage: str, data: str, out: str, size: DemoSize, epochs: int, **
     from .training.trainer import TrainArgs, Trainer
 
     args = TrainArgs(stage=stage, data=data, out_dir=out, epochs=epochs, batch_size=size.batch_size, lr=size.lr,
-                     max_seq_len=128, log_every=20, feature_cache=kwargs.pop("feature_cache"), overwrite=True, **kwargs)
+                     max_seq_len=size.max_seq_len, log_every=20, feature_cache=kwargs.pop("feature_cache"),
+                     overwrite=True, **kwargs)
     return Trainer(args).run()
 
 
@@ -143,16 +183,28 @@ def photo_answers(model, tokenizer, features: ImageFeatures) -> list[str]:
     return lines
 
 
-def run_demo(out: str = "minimind-v-demo", size_name: str = "default", echo=print) -> dict:
+def run_demo(out: str = "minimind-v-demo", size_name: str | DemoSize = "default", echo=print) -> dict:
     """The whole chain; returns the evaluation report (also written to <out>/report.json)."""
-    from .build import load_model
+    if not isinstance(size_name, DemoSize) and size_name not in SIZES:
+        raise ValueError(f"unknown demo size {size_name!r}; choose one of {', '.join(SIZES)}")
+    size, start = size_name if isinstance(size_name, DemoSize) else SIZES[size_name], time.time()
+    echo(f"[demo] preparing easy-vqa data, {size.renders} drawn images"
+         f"{f' and {size.world} world scenes' if size.world else ''} in {out}/data")
+    paths = prepare_data(os.path.join(out, "data"), size)
+    model_dir = train_chain(out, size, paths, echo)
+    report = evaluate_demo(out, model_dir, size, echo)
+    report["seconds"] = round(time.time() - start, 1)
+    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, ensure_ascii=False)
+    echo(f"[demo] done in {report['seconds']} s; model {model_dir}, report {out}/report.json, "
+         f"loss curves {out}/*/loss.png")
+    return report
+
+
+def train_chain(out: str, size: DemoSize, paths: dict[str, str], echo) -> str:
+    """Tokenizer, then pretrain-llm -> pretrain-vlm -> sft; -> the final model folder."""
     from .data.tokenizer import train_tokenizer
 
-    if size_name not in SIZES:
-        raise ValueError(f"unknown demo size {size_name!r}; choose one of {', '.join(SIZES)}")
-    size, start, cache = SIZES[size_name], time.time(), os.path.join(out, "feature_cache")
-    echo(f"[demo] preparing easy-vqa data in {out}/data")
-    paths = prepare_data(os.path.join(out, "data"), size.limit)
     with open(paths["text.jsonl"], encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
     tokenizer_dir = os.path.join(out, "tokenizer")
@@ -160,7 +212,7 @@ def run_demo(out: str = "minimind-v-demo", size_name: str = "default", echo=prin
     echo(f"[demo] tokenizer ({size.vocab_size} tokens) -> {tokenizer_dir}")
     # on a GPU, worker processes tokenize while it trains; on a CPU they would only compete with it
     workers = 0 if pick_device().type == "cpu" else min(4, (os.cpu_count() or 2) // 2)
-    common = dict(feature_cache=cache, vision="efficientnet-lite0", num_workers=workers)
+    common = dict(feature_cache=os.path.join(out, "feature_cache"), vision=size.tower, num_workers=workers)
     stages = [("pretrain-llm", paths["text.jsonl"], size.llm_epochs, dict(tokenizer=tokenizer_dir,
                                                                           overrides=size.preset)),
               ("pretrain-vlm", paths["captions.parquet"], size.vlm_epochs, {}),
@@ -172,18 +224,70 @@ def run_demo(out: str = "minimind-v-demo", size_name: str = "default", echo=prin
         echo(f"[demo] {stage}: loss {summary.get('loss')} after {summary['steps']} steps, "
              f"{summary['seconds']} s -> {stage_out}/model")
         previous = os.path.join(stage_out, "model")
-    model, tokenizer = load_model(previous)
+    return previous
+
+
+def evaluate_demo(out: str, model_dir: str, size: DemoSize, echo) -> dict:
+    """Exact match on easy-vqa's test split and on the drawn sets (held-out renders; the shifted matplotlib set with
+    its blind and shuffled baselines), then the world's skills with their baselines and its captions; the easy-vqa
+    figures stay at the top of the report."""
+    from .build import load_model
+
+    model, tokenizer = load_model(model_dir)
     model = model.eval().to(pick_device())
-    features = ImageFeatures(model.vision_tower, cache, tower_id(model.config, model.vision_tower))
-    report = evaluate(model, tokenizer, test_items(size.limit), features, batch_size=256, max_new_tokens=4)
+    features = ImageFeatures(model.vision_tower, os.path.join(out, "feature_cache"),
+                             tower_id(model.config, model.vision_tower))
+    reports = {"easy-vqa test": evaluate(model, tokenizer, test_items(size.limit), features, batch_size=256,
+                                         max_new_tokens=4)}
+    memory = ImageFeatures(model.vision_tower, in_memory=True)  # drawn images: the tower once per image
+    if size.eval_renders:
+        reports["renders"] = evaluate(model, tokenizer, drawn_items("renders", size.eval_renders, seed=1), memory,
+                                      batch_size=256, max_new_tokens=4)
+        reports["shifted"] = evaluate_with_baselines(model, tokenizer, drawn_items("shifted", size.eval_renders, 2),
+                                                     memory, batch_size=256, max_new_tokens=4)
+    if size.world:
+        reports.update(world_reports(model, tokenizer, os.path.join(out, "data", "world"), memory, echo))
+    for name, r in reports.items():
+        details = [f"{t} {v['accuracy']:.4f}" for t, v in r.get("per_type", {}).items()]
+        details += [f"BLEU {r['bleu']:.1f}"] if r.get("bleu") is not None else []
+        echo(f"[demo] {name} exact match: {r['accuracy']:.4f} ({r['correct']}/{r['total']}); " + ", ".join(details))
+        if "baselines" in r:
+            echo("\n" + report_table(r) + "\n")
+    report = {**reports["easy-vqa test"], "sets": {k: {n: v for n, v in r.items() if n != "examples"}
+                                                   for k, r in reports.items()}}
+    report["samples"] = sample_answers(model, tokenizer, os.path.join(out, "samples"), size)
     report["photos"] = photo_answers(model, tokenizer, features)
-    report["seconds"] = round(time.time() - start, 1)
-    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False)
-    echo(f"[demo] easy-vqa test exact match: {report['accuracy']:.4f} ({report['correct']}/{report['total']}); "
-         + ", ".join(f"{t} {r['accuracy']:.4f}" for t, r in report.get("per_type", {}).items()))
-    for line in report["photos"]:
-        echo(f"[demo] photo {line}")
-    echo(f"[demo] done in {report['seconds']} s; model {previous}, report {out}/report.json, "
-         f"loss curves {out}/*/loss.png")
+    for line in report["samples"] + report["photos"]:
+        echo(f"[demo] {line}")
     return report
+
+
+def world_reports(model, tokenizer, folder: str, memory: ImageFeatures, echo) -> dict:
+    """The world's test questions by skill, with baselines; its captions scored by object set and BLEU."""
+    items = load_qa_jsonl(os.path.join(folder, "test.jsonl"))
+    skills = [i for i in items if i.qtype != "caption"]
+    described = [i for i in items if i.qtype == "caption"]
+    reports = {"world": evaluate_with_baselines(model, tokenizer, skills, memory, batch_size=256, max_new_tokens=8)}
+    predictions = generate_answers(model, tokenizer, described, memory, batch_size=256, max_new_tokens=48)
+    reports["world captions (object set)"] = caption_scores([i.answer for i in described], predictions)
+    for item, prediction in list(zip(described, predictions))[:4]:
+        echo(f"[demo] caption of a held-out scene: {prediction!r} (truth: {item.answer!r})")
+    return reports
+
+
+def sample_answers(model, tokenizer, folder: str, size: DemoSize) -> list[str]:
+    """Write a few shifted renders to `folder` (images to try `minimind-v chat` on) and answer questions on them."""
+    from .data.easy_shapes import render_single_mpl
+
+    os.makedirs(folder, exist_ok=True)
+    rng, items, lines = random.Random(7), [], []
+    for number in range(4):
+        image, color, shape = render_single_mpl(rng)
+        path = os.path.join(folder, f"shape_{number}.png")
+        image.save(path)
+        items += [QAItem("<image>\nwhat color is the shape?", color, [image], qtype=path),
+                  QAItem("<image>\nwhat shape is in the image?", shape, [image], qtype=path)]
+    answers = generate_answers(model, tokenizer, items, max_new_tokens=4)
+    for first, second, a, b in zip(items[::2], items[1::2], answers[::2], answers[1::2]):
+        lines.append(f"sample {first.qtype}: color -> {a} (truth {first.answer}); shape -> {b} (truth {second.answer})")
+    return lines
