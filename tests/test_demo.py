@@ -86,3 +86,17 @@ def test_full_demo_sees(tmp_path):
     assert sets["easy-vqa test"]["total"] == 9673 and sets["easy-vqa test"]["accuracy"] >= 0.975
     assert sets["renders"]["accuracy"] >= 0.96 and sets["shifted"]["accuracy"] >= 0.92
     assert all(row["margin"] >= 0.4 for row in sets["shifted"]["per_type"].values())
+
+
+@pytest.mark.slow
+def test_world_demo(tmp_path):
+    """The README's world numbers: `python -m pytest -m slow -k world tests/test_demo.py` (about 23 minutes on 2
+    cores). The skills it learns stay far above both baselines; the ones it does not learn are not checked."""
+    from minimind_v.demo import run_demo
+
+    sets = run_demo(str(tmp_path / "demo"), "world")["sets"]
+    assert sets["easy-vqa test"]["accuracy"] >= 0.99 and sets["shifted"]["accuracy"] >= 0.96
+    skills = sets["world"]["per_type"]
+    for skill in ("count", "binding", "existence (random)", "existence (popular)"):
+        assert skills[skill]["margin"] >= 0.4, skill
+    assert sets["world captions (object set)"]["accuracy"] >= 0.35
