@@ -10,6 +10,7 @@ is the Aux_Loss log line of example 5, whose f-string format spec is invalid Pyt
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import os
@@ -77,7 +78,7 @@ def run_seed_example(filename: str, names: dict) -> dict:
     return namespace
 
 
-class SeedExample:
+class SeedExample(abc.ABC):
     """One seed example file: `given()` returns the names it assumes (and sets up the rest), the file runs inside
     `context()`, then `check(namespace)` asserts on what it produced."""
 
@@ -98,8 +99,9 @@ class SeedExample:
     def context(self):
         return contextlib.nullcontext()
 
+    @abc.abstractmethod
     def check(self, ns: dict) -> None:
-        raise NotImplementedError
+        """Assert on what the example produced."""
 
 
 # ------------------------------------------------------------------------------------- example 1: basic inference

@@ -20,19 +20,15 @@ import random
 import time
 from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from .device import pick_device
 from .evaluate import (QAItem, caption_scores, evaluate, evaluate_with_baselines, generate_answers,
                        load_qa_jsonl, report_table)
+from .data.records import qa_conversations, write_parquet
 from .data.render import COLORS
+from .data.world_questions import DESCRIBE
 from .models.efficientnet import EFFICIENTNET_MULTISCALE, MULTISCALE_WIDTH
 from .models.image_features import ImageFeatures, bytes_key, tower_id
 from .models.vision_tower import to_rgb
-
-WORLD_CAPTION = "describe the image."
-DICTIONARY_LIMIT = 1 << 30
 
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
 
@@ -50,7 +46,6 @@ class DemoSize:
     lr: float = 2e-3
     limit: int | None = None  # train questions used (None: all 38,575); test questions likewise
     renders: int = 4000  # training images drawn by render.py (Style.train()), 6 questions each
-    tower: str = EFFICIENTNET_MULTISCALE
     eval_renders: int = 500  # images of each drawn evaluation set
     world: int = 0  # training scenes of the visual world (world.py); 0: easy-vqa's skills only
     world_test: int = 400
@@ -74,37 +69,20 @@ def question_type(answer: str) -> str:
     return "yes/no" if answer in ("yes", "no") else "color" if answer in COLORS else "shape"
 
 
-def write_parquet(path: str, rows: list[tuple[list[dict], bytes]]) -> None:
-    """The original's layout; an image asked about several times is stored once (parquet's dictionary encoding)."""
-    table = pa.table({"conversations": [json.dumps(c, ensure_ascii=False) for c, _ in rows],
-                      "image_bytes": pa.array([b for _, b in rows], type=pa.binary())})
-    pq.write_table(table, path, dictionary_pagesize_limit=DICTIONARY_LIMIT)
-
-
-def conversations(rows: list[tuple[str, str, bytes]]) -> list[tuple[list[dict], bytes]]:
-    """One conversation per question: the image, the question, the answer. (Several questions of an image in one
-    conversation train faster but answer worse: later turns learn to lean on the earlier answers.)"""
-    return [([{"role": "user", "content": "<image>\n" + q}, {"role": "assistant", "content": a}], image)
-            for q, a, image in rows]
-
-
 def drawn_items(kind: str, images: int, seed: int) -> list[QAItem]:
     """Evaluation items on drawn images: "renders" (this renderer, held-out seed) or "shifted" (matplotlib, with
     backgrounds, outlines and shapes no training image has), 6 questions an image."""
-    from .data.easy_shapes import questions, render_single, render_single_mpl
-    from .data.render import Style
+    from .data.easy_shapes import make_split, render_single_mpl
 
-    rng, items = random.Random(seed), []
-    for _ in range(images):
-        image, color, shape = render_single(Style.train(), rng) if kind == "renders" else render_single_mpl(rng)
-        items += [QAItem("<image>\n" + q, a, [image], qtype=t) for q, a, t in questions(color, shape, rng, 6)]
-    return items
+    rows = make_split(images, seed, None if kind == "renders" else render_single_mpl)
+    return [QAItem("<image>\n" + q, a, [image], qtype=t) for q, a, t, image in rows]
 
 
 def prepare_data(out: str, size: DemoSize) -> dict[str, str]:
     """Write the three stages' files (easy-vqa's training split, the renders, the world's training scenes) and the
     world's test set; return their paths."""
     from .data.easy_shapes import describe, easy_vqa_split, rendered_rows
+    from .data.world import save_world, world_rows
 
     os.makedirs(out, exist_ok=True)
     rows = easy_vqa_split("train", size.limit) + rendered_rows(size.renders, seed=0)
@@ -113,10 +91,12 @@ def prepare_data(out: str, size: DemoSize) -> dict[str, str]:
         answers.setdefault(image, []).append(a)
     captions = {image: describe(a) for image, a in answers.items()}
     if size.world:
-        world_rows = world_training_rows(os.path.join(out, "world"), size)
-        captions.update({image: a for q, a, image in world_rows if q == WORLD_CAPTION})
-        rows += world_rows
-    chats = conversations(rows)
+        world = world_rows(size.world, size.world_test, seed=0)
+        save_world(os.path.join(out, "world"), world)  # its test set is what evaluate_demo reads
+        train = [(q, a, image) for split, _, q, a, _, image in world if split == "train"]
+        captions.update({image: a for q, a, image in train if q == DESCRIBE})
+        rows += train
+    chats = qa_conversations(rows)
     paths = {name: os.path.join(out, name) for name in ("text.jsonl", "captions.parquet", "sft.parquet")}
     texts: dict[bytes, list[str]] = {}  # pretrain-llm's text: an image's questions and answers, and its caption
     for q, a, image in rows:
@@ -125,23 +105,10 @@ def prepare_data(out: str, size: DemoSize) -> dict[str, str]:
         for image, lines in texts.items():
             f.write(json.dumps({"text": " ".join(lines) + f" this image shows {captions[image]}"}) + "\n")
     user = lambda text: {"role": "user", "content": "<image>\n" + text}  # noqa: E731
-    write_parquet(paths["captions.parquet"], [([user(WORLD_CAPTION), {"role": "assistant", "content": c}], b)
+    write_parquet(paths["captions.parquet"], [([user(DESCRIBE), {"role": "assistant", "content": c}], b)
                                               for b, c in captions.items()])
     write_parquet(paths["sft.parquet"], chats)
     return paths
-
-
-def world_training_rows(folder: str, size: DemoSize) -> list[tuple[str, str, bytes]]:
-    """Write the world (train.parquet, test.jsonl, images/) into `folder`; -> its training rows."""
-    from .data.world import write_world
-
-    write_world(folder, size.world, size.world_test, seed=0)
-    table = pq.read_table(os.path.join(folder, "train.parquet"), columns=["conversations", "image_bytes"])
-    rows = []
-    for chat, image in zip(table.column("conversations").to_pylist(), table.column("image_bytes").to_pylist()):
-        user, assistant = json.loads(chat)
-        rows.append((user["content"].removeprefix("<image>\n"), assistant["content"], image))
-    return rows
 
 
 def test_items(limit: int | None) -> list[QAItem]:
@@ -212,7 +179,7 @@ def train_chain(out: str, size: DemoSize, paths: dict[str, str], echo) -> str:
     echo(f"[demo] tokenizer ({size.vocab_size} tokens) -> {tokenizer_dir}")
     # on a GPU, worker processes tokenize while it trains; on a CPU they would only compete with it
     workers = 0 if pick_device().type == "cpu" else min(4, (os.cpu_count() or 2) // 2)
-    common = dict(feature_cache=os.path.join(out, "feature_cache"), vision=size.tower, num_workers=workers)
+    common = dict(feature_cache=os.path.join(out, "feature_cache"), vision=EFFICIENTNET_MULTISCALE, num_workers=workers)
     stages = [("pretrain-llm", paths["text.jsonl"], size.llm_epochs, dict(tokenizer=tokenizer_dir,
                                                                           overrides=size.preset)),
               ("pretrain-vlm", paths["captions.parquet"], size.vlm_epochs, {}),
@@ -255,7 +222,7 @@ def evaluate_demo(out: str, model_dir: str, size: DemoSize, echo) -> dict:
             echo("\n" + report_table(r) + "\n")
     report = {**reports["easy-vqa test"], "sets": {k: {n: v for n, v in r.items() if n != "examples"}
                                                    for k, r in reports.items()}}
-    report["samples"] = sample_answers(model, tokenizer, os.path.join(out, "samples"), size)
+    report["samples"] = sample_answers(model, tokenizer, os.path.join(out, "samples"))
     report["photos"] = photo_answers(model, tokenizer, features)
     for line in report["samples"] + report["photos"]:
         echo(f"[demo] {line}")
@@ -275,19 +242,18 @@ def world_reports(model, tokenizer, folder: str, memory: ImageFeatures, echo) ->
     return reports
 
 
-def sample_answers(model, tokenizer, folder: str, size: DemoSize) -> list[str]:
+def sample_answers(model, tokenizer, folder: str) -> list[str]:
     """Write a few shifted renders to `folder` (images to try `minimind-v chat` on) and answer questions on them."""
     from .data.easy_shapes import render_single_mpl
 
     os.makedirs(folder, exist_ok=True)
-    rng, items, lines = random.Random(7), [], []
+    rng, items, paths = random.Random(7), [], []
     for number in range(4):
         image, color, shape = render_single_mpl(rng)
-        path = os.path.join(folder, f"shape_{number}.png")
-        image.save(path)
-        items += [QAItem("<image>\nwhat color is the shape?", color, [image], qtype=path),
-                  QAItem("<image>\nwhat shape is in the image?", shape, [image], qtype=path)]
+        paths.append(os.path.join(folder, f"shape_{number}.png"))
+        image.save(paths[-1])
+        items += [QAItem("<image>\nwhat color is the shape?", color, [image]),
+                  QAItem("<image>\nwhat shape is in the image?", shape, [image])]
     answers = generate_answers(model, tokenizer, items, max_new_tokens=4)
-    for first, second, a, b in zip(items[::2], items[1::2], answers[::2], answers[1::2]):
-        lines.append(f"sample {first.qtype}: color -> {a} (truth {first.answer}); shape -> {b} (truth {second.answer})")
-    return lines
+    return [f"sample {path}: color -> {answers[2 * n]} (truth {items[2 * n].answer}); "
+            f"shape -> {answers[2 * n + 1]} (truth {items[2 * n + 1].answer})" for n, path in enumerate(paths)]

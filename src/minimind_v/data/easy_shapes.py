@@ -85,12 +85,12 @@ def describe(answers: list[str]) -> str:
     return f"a {color + ' ' if color else ''}{shape}."
 
 
-def rendered_rows(images: int, seed: int, style: Style | None = None) -> list[tuple[str, str, bytes]]:
-    """(question, answer, PNG bytes) of `images` renders (`Style.train()` unless given), 6 questions each; the
-    first two name the colour and the shape (what the image's description is made of)."""
+def rendered_rows(images: int, seed: int) -> list[tuple[str, str, bytes]]:
+    """(question, answer, PNG bytes) of `images` training renders (`Style.train()`), 6 questions each; the first two
+    name the colour and the shape (what the image's description is made of)."""
     rng, rows = random.Random(seed), []
     for _ in range(images):
-        image, color, shape = render_single(style or Style.train(), rng)
+        image, color, shape = render_single(Style.train(), rng)
         image.thumbnail((STORED_SIDE, STORED_SIDE), Image.Resampling.LANCZOS)
         data = encode_png(image)
         rows += [(f"what color is the {shape}?", color, data), ("what shape is in the image?", shape, data)]
@@ -98,12 +98,14 @@ def rendered_rows(images: int, seed: int, style: Style | None = None) -> list[tu
     return rows
 
 
-def make_split(images: int, style: Style, seed: int, per_image: int = 6) -> list[tuple[str, str, str, Image.Image]]:
-    """(question, answer, type, image) for `images` renders of a seeded stream."""
+def make_split(images: int, seed: int, draw=None, per_image: int = 6) -> list[tuple[str, str, str, Image.Image]]:
+    """(question, answer, type, image) for `images` drawings of a seeded stream; `draw(rng)` -> (image, colour,
+    shape), by default `render_single` in `Style.train()`."""
+    draw = draw or (lambda rng: render_single(Style.train(), rng))
     rng = random.Random(seed)
     rows = []
     for _ in range(images):
-        image, color, shape = render_single(style, rng)
+        image, color, shape = draw(rng)
         rows += [(q, a, kind, image) for q, a, kind in questions(color, shape, rng, per_image)]
     return rows
 

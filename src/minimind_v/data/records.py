@@ -9,7 +9,8 @@ normalises each record to `{"conversations": [{"role", "content"}, ...], "images
   "system", "value"} turns; role/content keys work too.
 - `.jsonl` (or `.parquet`) with a `text` field: plain text for language-model pretraining.
 
-A record that cannot be read is counted in a `SkipStats` with its reason (skips.py) and left out.
+A record that cannot be read is counted in a `SkipStats` with its reason (skips.py) and left out. The other way:
+`write_parquet` writes (conversation, image) rows in MiniMind-V's layout, each distinct image stored once.
 """
 
 from __future__ import annotations
@@ -55,6 +56,26 @@ def iter_records(path: str | os.PathLike, image_root: str | None = None, stats: 
             stats.add(skip.reason, f"{path} record {n}: {skip.detail}")
             continue
         yield record
+
+
+def qa_conversations(rows: list[tuple[str, str, bytes]]) -> list[tuple[list[dict], bytes]]:
+    """(question, answer, encoded image) -> (conversation, image): one question per conversation, the image marked
+    before it. (Several questions of an image in one conversation train faster but answer worse: later turns learn
+    to lean on the earlier answers.)"""
+    return [([{"role": "user", "content": IMAGE_MARKER + "\n" + q}, {"role": "assistant", "content": a}], image)
+            for q, a, image in rows]
+
+
+def write_parquet(path: str, rows: list[tuple[list[dict], bytes]], **columns: list) -> None:
+    """(conversation, encoded image) rows -> a parquet file in the original layout (`conversations` as JSON text,
+    `image_bytes`), with any extra columns; an image asked about several times is stored once (parquet's dictionary
+    encoding, its page allowed up to 1 GiB)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"conversations": [json.dumps(c, ensure_ascii=False) for c, _ in rows],
+                      "image_bytes": pa.array([image for _, image in rows], type=pa.binary()), **columns})
+    pq.write_table(table, path, dictionary_pagesize_limit=1 << 30)
 
 
 def _parquet_rows(path: str, text_only: bool = False) -> Iterator[dict]:

@@ -8,8 +8,9 @@
     splits      `held_out` colour-kind pairs never appear in training scenes, and test scenes add backgrounds that
                 training never shows (gradient, noise): generalisation is measured, not memorisation
 
-`write_world(folder, ...)` writes `train.parquet` (the project's conversation layout, a `skill` column beside) and
-`test.jsonl` + `images/` (what `minimind-v eval` reads, the skill as the question type).
+`world_rows(...)` generates the rows; `save_world(folder, rows)` (or `write_world`, both at once) writes
+`train.parquet` (the project's conversation layout, a `skill` column beside) and `test.jsonl` + `images/` (what
+`minimind-v eval` reads, the skill as the question type).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from .records import qa_conversations, write_parquet
 from .render import COLORS, FONTS, Style, canvas, degrade, draw_shape, draw_text, encode_png, sample_color
 
 KINDS = ("circle", "rectangle", "triangle", "star", "heart", "arrow")
@@ -126,32 +127,34 @@ def caption_objects(text: str) -> tuple:
     return tuple(sorted(pairs))
 
 
-def write_world(folder: str, train_scenes: int, test_scenes: int, seed: int = 0, reading: float = 0.15) -> dict:
-    """train.parquet (conversations, image_bytes, skill) and test.jsonl + images/; -> counts per split and skill."""
+def world_rows(train_scenes: int, test_scenes: int, seed: int = 0, reading: float = 0.15) -> list[tuple]:
+    """(split, scene number, question, answer, skill, PNG bytes) of a seeded world; `reading`: the share of
+    reading scenes."""
     from .world_questions import questions
 
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    rng, counts = random.Random(seed), {}
-    rows = []
+    rng, rows = random.Random(seed), []
     for split, scenes, style in (("train", train_scenes, TRAIN_STYLE), ("test", test_scenes, TEST_STYLE)):
         for number in range(scenes):
             scene = sample_scene(rng, split, reading=rng.random() < reading)
             data = encode_png(render_scene(scene, style, rng))
-            for q, a, skill in questions(scene, rng):
-                counts[(split, skill)] = counts.get((split, skill), 0) + 1
-                rows.append((split, number, q, a, skill, data))
-    _write_train(os.path.join(folder, "train.parquet"), [r for r in rows if r[0] == "train"])
+            rows += [(split, number, q, a, skill, data) for q, a, skill in questions(scene, rng)]
+    return rows
+
+
+def save_world(folder: str, rows: list[tuple]) -> dict:
+    """train.parquet (conversations, image_bytes, skill) and test.jsonl + images/; -> counts per split and skill."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    train = [r for r in rows if r[0] == "train"]
+    chats = qa_conversations([(q, a, data) for _, _, q, a, _, data in train])
+    write_parquet(os.path.join(folder, "train.parquet"), chats, skill=[r[4] for r in train])
     _write_test(folder, [r for r in rows if r[0] == "test"])
-    return {f"{split} {skill}": n for (split, skill), n in sorted(counts.items())}
+    counts = Counter(f"{split} {skill}" for split, _, _, _, skill, _ in rows)
+    return dict(sorted(counts.items()))
 
 
-def _write_train(path: str, rows: list) -> None:
-    conversations = [json.dumps([{"role": "user", "content": "<image>\n" + q}, {"role": "assistant", "content": a}])
-                     for _, _, q, a, _, _ in rows]
-    pq.write_table(pa.table({"conversations": conversations,
-                             "image_bytes": pa.array([r[5] for r in rows], type=pa.binary()),
-                             "skill": [r[4] for r in rows]}), path,
-                   dictionary_pagesize_limit=1 << 30)  # each image stored once, not once per question
+def write_world(folder: str, train_scenes: int, test_scenes: int, seed: int = 0, reading: float = 0.15) -> dict:
+    """`minimind-v world`: generate and save; -> counts per split and skill."""
+    return save_world(folder, world_rows(train_scenes, test_scenes, seed, reading))
 
 
 def _write_test(folder: str, rows: list) -> None:

@@ -19,6 +19,7 @@ import random
 from .render import COLORS
 from .world import KINDS, PLURAL, Scene, caption
 
+DESCRIBE = "describe the image."  # the caption question (the demo asks it of easy-vqa's images too)
 APART = 0.18  # how far apart (fraction of the canvas) two things must be for a relation question
 RELATIONS = {"left of": lambda a, b: b.x - a.x, "right of": lambda a, b: a.x - b.x,
              "above": lambda a, b: b.y - a.y, "below": lambda a, b: a.y - b.y}
@@ -28,9 +29,9 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     """(question, answer, skill) for a scene: a few of each skill it can answer, and its caption."""
     if scene.word:
         return [("what word is written in the image?", scene.word, "reading"),
-                ("describe the image.", caption(scene), "caption")]
+                (DESCRIBE, caption(scene), "caption")]
     out = count(scene, rng) + relation(scene, rng) + binding(scene, rng) + existence(scene, rng)
-    return out + [("describe the image.", caption(scene), "caption")]
+    return out + [(DESCRIBE, caption(scene), "caption")]
 
 
 def count(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
