@@ -59,7 +59,7 @@ def wait_for(condition, timeout: float = 30) -> None:
 
 
 def test_sigterm_drains_then_exits(model_dir):
-    process, url = start_server(str(model_dir), "tiny", ["--drain-timeout", str(DRAIN)], wait=120)
+    process, url = start_server(str(model_dir), "tiny", ["--drain-timeout", str(DRAIN), "--max-batch", "1"], wait=120)
     port = int(url.rsplit(":", 1)[1])
     try:
         abandoned = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # the old deadlock: a stream left

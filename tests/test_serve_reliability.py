@@ -1,5 +1,5 @@
 """The server stays available: a client that leaves (mid-stream, or while waiting for a whole answer) frees the
-engine at the next decode step; /health answers at once while requests wait; a full queue is a 503; engine errors
+engine at the next decode step; /health answers at once while requests wait; a full queue is a 429; engine errors
 are OpenAI-style errors (an error event mid-stream); oversized bodies and huge prompts are refused cheaply."""
 
 import json
@@ -26,20 +26,20 @@ BODY_LIMIT = 400_000
 
 
 class Steps:
-    """Counts the engine's decode steps (each slowed by `delay` s) and can make one fail."""
+    """Counts the server's decode steps (each slowed by `delay` s) and can make one fail."""
 
-    def __init__(self, engine: Engine, delay: float = 0.01):
+    def __init__(self, batch, delay: float = 0.01):
         self.count, self.delay, self.fail_at = 0, delay, None
-        real = engine._advance
+        real = batch.step
 
-        def advance(state, rows, tokens):
+        def step():
             self.count += 1
             if self.fail_at is not None and self.count >= self.fail_at:
                 raise RuntimeError("injected engine failure")
             time.sleep(self.delay)
-            return real(state, rows, tokens)
+            return real()
 
-        engine._advance = advance
+        batch.step = step
 
     def settle(self, quiet: float = 0.4, timeout: float = 30) -> int:
         """Wait until no step has run for `quiet` seconds; the count then."""
@@ -57,9 +57,9 @@ def slow(clip_dir, tokenizer):
     torch.manual_seed(0)
     engine = Engine(MiniMindVLM(tiny_config(vocab_size=len(tokenizer)), vision_model_path=clip_dir), tokenizer)
     engine.eos_ids = set()  # every answer runs to its max_tokens
-    steps = Steps(engine)
     app = create_app(engine, ServerSettings(model_name="tiny", max_images=2, max_image_bytes=200_000,
-                                            max_body_bytes=BODY_LIMIT))
+                                            max_body_bytes=BODY_LIMIT, max_batch=1))
+    steps = Steps(app.state.worker.batch)
     with live_server(app) as url:
         host, port = url.removeprefix("http://").split(":")
         yield {"url": url, "addr": (host, int(port)), "engine": engine, "steps": steps,
@@ -147,7 +147,7 @@ def test_health_answers_at_once_while_requests_wait(slow, client):
     wait_until(lambda: slow["worker"].waiting == 0)  # the waiting requests of the gone clients were dropped
 
 
-def test_a_full_queue_is_a_503_with_retry_after(slow, client, monkeypatch):
+def test_a_full_queue_is_a_429_with_retry_after(slow, client, monkeypatch):
     monkeypatch.setattr(slow["worker"], "max_queue", 2)
     steps, start = slow["steps"], slow["steps"].count
     socks = [open_request(slow["addr"])]
@@ -159,8 +159,8 @@ def test_a_full_queue_is_a_503_with_retry_after(slow, client, monkeypatch):
     finally:
         for sock in socks:
             sock.close()
-    assert status == 503 and headers["Retry-After"] == "1"
-    assert body["error"]["code"] == "server_busy" and body["error"]["type"] == "server_error"
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert body["error"]["code"] == "server_busy" and body["error"]["type"] == "rate_limit_error"
 
 
 def sse(url: str, body: dict) -> list[str]:

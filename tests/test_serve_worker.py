@@ -11,7 +11,8 @@ import torch
 
 from helpers import tiny_config
 from minimind_v import MiniMindVLM
-from minimind_v.generation import (Engine, EngineWorker, GenerationRequest, SamplingParams, ServerBusy,
+from minimind_v.generation.scheduler import ContinuousBatch
+from minimind_v.generation import (Engine, EngineWorker, GenerationRequest, RequestError, SamplingParams, ServerBusy,
                                    WorkerStopped)
 
 
@@ -25,21 +26,21 @@ def engine(clip_dir, tokenizer):
 def counted(engine, monkeypatch):
     """Counts prefills and decode steps (each slowed by 5 ms); `fail` makes the next prefill raise."""
     calls = {"prefill": 0, "steps": 0, "fail": False}
-    prefill, advance = engine._prefill, engine._advance
+    prefill, step = ContinuousBatch._prefill, ContinuousBatch.step
 
-    def counting_prefill(rows, requests):
+    def counting_prefill(self, running, slots):
         calls["prefill"] += 1
         if calls.pop("fail", False):
             raise RuntimeError("injected prefill failure")
-        return prefill(rows, requests)
+        return prefill(self, running, slots)
 
-    def counting_advance(state, rows, tokens):
+    def counting_step(self):
         calls["steps"] += 1
         time.sleep(0.005)
-        return advance(state, rows, tokens)
+        return step(self)
 
-    monkeypatch.setattr(engine, "_prefill", counting_prefill)
-    monkeypatch.setattr(engine, "_advance", counting_advance)
+    monkeypatch.setattr(ContinuousBatch, "_prefill", counting_prefill)
+    monkeypatch.setattr(ContinuousBatch, "step", counting_step)
     monkeypatch.setattr(engine, "eos_ids", set())  # answers run to their max_new_tokens
     return calls
 
@@ -49,7 +50,28 @@ def ask(prompt: str = "tell me", tokens: int = 8, **sampling) -> GenerationReque
                              params=SamplingParams(max_new_tokens=tokens, **sampling))
 
 
-def test_a_cancelled_request_ends_at_the_next_step(engine, counted):
+@pytest.fixture
+def engine_counted(engine, monkeypatch):
+    """Counts the engine's own prefills and decode steps (its static batches: chat, eval, bench decode)."""
+    calls = {"prefill": 0, "steps": 0}
+    prefill, advance = engine._prefill, engine._advance
+
+    def counting_prefill(rows, requests):
+        calls["prefill"] += 1
+        return prefill(rows, requests)
+
+    def counting_advance(state, rows, tokens):
+        calls["steps"] += 1
+        return advance(state, rows, tokens)
+
+    monkeypatch.setattr(engine, "_prefill", counting_prefill)
+    monkeypatch.setattr(engine, "_advance", counting_advance)
+    monkeypatch.setattr(engine, "eos_ids", set())
+    return calls
+
+
+def test_a_cancelled_request_ends_at_the_next_step(engine, engine_counted):
+    counted = engine_counted
     early = ask()
     early.cancel = threading.Event()
     early.cancel.set()
@@ -82,13 +104,14 @@ def test_the_worker_answers_as_the_engine_does_to_threads_and_event_loops(engine
             job = worker.submit(ask(tokens=10), asyncio.get_running_loop())
             return [delta async for delta in job]
 
-        assert [d.text for d in asyncio.run(on_a_loop())] == [d.text for d in deltas]
+        on_loop = asyncio.run(on_a_loop())
+        assert "".join(d.text for d in on_loop) == expected.text and on_loop[-1].result.token_ids == expected.token_ids
     finally:
         assert worker.stop(timeout=5)
 
 
 def test_cancelled_jobs_waiting_are_dropped_and_running_ones_stop(engine, counted):
-    worker = EngineWorker(engine)
+    worker = EngineWorker(engine, max_batch=1)  # one slot: the second request waits
     try:
         long = worker.submit(ask(tokens=400))
         waiting = worker.submit(ask("never run"))
@@ -117,7 +140,7 @@ def test_an_engine_error_goes_to_its_job_and_the_worker_goes_on(engine, counted)
 
 
 def test_a_full_queue_is_busy_and_stop_ends_everything(engine, counted):
-    worker = EngineWorker(engine, max_queue=1)
+    worker = EngineWorker(engine, max_queue=1, max_batch=1)
     running = worker.submit(ask(tokens=400))
     while counted["prefill"] == 0:
         time.sleep(0.01)
@@ -140,5 +163,28 @@ def test_batches_of_waiting_requests_answer_as_each_alone(engine):
         alone = [engine.generate([ask(p, tokens=6)])[0].token_ids for p in prompts]
         jobs = [worker.submit(ask(p, tokens=6)) for p in prompts]
         assert [job.result().token_ids for job in jobs] == alone
+    finally:
+        worker.stop(timeout=5)
+
+
+def test_requests_past_their_timeout_end_waiting_or_running(engine, counted):
+    worker = EngineWorker(engine, max_batch=1, timeout=0.3)
+    try:
+        running, waiting = worker.submit(ask(tokens=400)), worker.submit(ask("never run"))
+        late = waiting.result()
+        assert late.finish_reason == "timeout" and late.token_ids == [] and late.prompt_tokens > 0
+        cut = running.result()
+        assert cut.finish_reason == "timeout" and 0 < len(cut.token_ids) < 400
+        assert counted["prefill"] == 1 and worker.running == 0  # the waiting one never reached the engine
+    finally:
+        worker.stop(timeout=5)
+
+
+def test_a_prompt_longer_than_a_slot_is_refused_at_submit(engine):
+    worker = EngineWorker(engine, max_len=16)
+    try:
+        with pytest.raises(RequestError, match="at most 16 tokens per request"):
+            worker.submit(ask("a long question " * 10))
+        assert worker.waiting == 0
     finally:
         worker.stop(timeout=5)

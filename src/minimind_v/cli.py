@@ -207,9 +207,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .serving.openai_api import ServerSettings, create_app
-    from .serving.options import settings_fields
+    from .serving.options import configure_access_log, settings_fields
 
     settings = ServerSettings(**settings_fields(args, os.environ))
+    configure_access_log(args)
     app = create_app(_engine(args), settings)
     print(f"[minimind-v] serving {settings.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:  # SIGTERM/SIGINT: stop accepting, let requests finish for --drain-timeout s, cancel the rest, exit

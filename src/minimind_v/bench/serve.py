@@ -41,6 +41,8 @@ class Load:
     model: str = "bench"
     api_key: str | None = None
     prompt: str = "describe the picture in a few words"
+    ignore_eos: bool = False  # every answer runs to max_tokens (vLLM's extension; the server accepts it)
+    temperature: float = 0.0
 
 
 def data_url(path: str) -> str:
@@ -56,8 +58,11 @@ def request_bodies(load: Load) -> list[bytes]:
     for first in range(max(len(urls), 1)):
         content = [{"type": "image_url", "image_url": {"url": urls[(first + k) % len(urls)]}}
                    for k in range(load.images_per_request if urls else 0)]
-        body = {"model": load.model, "max_tokens": load.max_tokens, "temperature": 0, "stream": load.stream,
+        body = {"model": load.model, "max_tokens": load.max_tokens, "temperature": load.temperature,
+                "stream": load.stream,
                 "messages": [{"role": "user", "content": content + [{"type": "text", "text": load.prompt}]}]}
+        if load.ignore_eos:
+            body["ignore_eos"] = True
         if load.stream:
             body["stream_options"] = {"include_usage": True}
         bodies.append(json.dumps(body).encode())
@@ -188,13 +193,15 @@ def report(load: Load, results: list[dict], health: list[float], elapsed: float,
     return {
         "clients": load.clients, "load_seconds": load.seconds, "seconds": round(elapsed, 2), "stream": load.stream,
         "max_tokens": load.max_tokens, "images_per_request": len(load.images) and load.images_per_request,
+        "temperature": load.temperature, "ignore_eos": load.ignore_eos,
         "request_body_bytes": body_bytes,
         "requests": {"ok": len(ok), "failed": len(results) - len(ok),
                      "by_status": dict(Counter(r["status"] for r in results).most_common())},
         "completion_tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
         "requests_per_s": round(len(ok) / elapsed, 2),
         "latency_s": {f"p{q}": _round(percentile(latencies, q / 100)) for q in (50, 90, 99)},
-        "first_token_s": {f"p{q}": _round(percentile(firsts, q / 100)) for q in (50, 90)} if load.stream else None,
+        "first_token_s": ({f"p{q}": _round(percentile(firsts, q / 100)) for q in (50, 90, 99)} if load.stream
+                          else None),
         "health_s": {"count": len(health), "failed": len(health) - len(answered),
                      "median": _round(percentile(answered, 0.5)), "max": _round(max(answered, default=None))},
         "rss_mib": dict(zip(("before", "peak", "after"), mib)),
@@ -213,7 +220,7 @@ def table(report: dict) -> str:
             ("completion tokens/s", r["tokens_per_s"]), ("requests/s", r["requests_per_s"]),
             ("latency p50 / p90 / p99", " / ".join(f"{v} s" for v in r["latency_s"].values()))]
     if r["first_token_s"]:
-        rows.append(("first token p50 / p90", " / ".join(f"{v} s" for v in r["first_token_s"].values())))
+        rows.append(("first token p50 / p90 / p99", " / ".join(f"{v} s" for v in r["first_token_s"].values())))
     health = r["health_s"]
     rows += [("/health median / max during the load", f"{health['median']} s / {health['max']} s "
                                                         f"({health['count']} probes, {health['failed']} failed)"),
@@ -234,7 +241,8 @@ def free_port() -> int:
 
 
 def start_server(model: str, name: str, extra: list[str], wait: float = 600) -> tuple[subprocess.Popen, str]:
-    """`minimind-v serve MODEL` on a free loopback port, once /health answers: (process, base URL)."""
+    """`minimind-v serve MODEL` on a free loopback port, once /ready answers (the decode steps are prepared):
+    (process, base URL)."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "minimind_v.cli", "serve", model, "--port", str(port),
                                 "--model-name", name, *extra])
@@ -242,7 +250,7 @@ def start_server(model: str, name: str, extra: list[str], wait: float = 600) -> 
     while True:
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            connection.request("GET", "/health")
+            connection.request("GET", "/ready")
             if connection.getresponse().status == 200:
                 return process, url
         except OSError:
@@ -259,7 +267,8 @@ def cmd_bench_serve(args) -> int:
         raise ValueError("give a MODEL to serve, or the --url of a running server")
     load = Load(clients=args.clients, seconds=args.seconds, max_tokens=args.max_tokens, stream=args.stream,
                 images=args.image, images_per_request=args.images_per_request, model=args.model_name,
-                api_key=args.api_key or os.environ.get("MINIMIND_V_API_KEY"))
+                api_key=args.api_key or os.environ.get("MINIMIND_V_API_KEY"), ignore_eos=args.ignore_eos,
+                temperature=args.temperature, prompt=args.prompt)
     process = None
     if args.url:
         url, pid = args.url.rstrip("/"), args.pid
@@ -287,6 +296,10 @@ def add_load_parser(bench) -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--stream", action="store_true", help="streamed answers (also measures the first token)")
+    parser.add_argument("--prompt", default=Load.prompt, help="the user message's text")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="ask for answers of exactly --max-tokens tokens (the server's ignore_eos extension)")
     parser.add_argument("--image", action="append", default=[], metavar="PNG",
                         help="an image file sent as a data URL (repeatable: requests cycle through them)")
     parser.add_argument("--images-per-request", type=int, default=1)

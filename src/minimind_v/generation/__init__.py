@@ -1,5 +1,5 @@
-"""Generation: a preallocated KV cache, sampling, the batched streaming engine every surface uses, and the worker
-thread that owns an engine for servers."""
+"""Generation: a preallocated KV cache, sampling, the batched streaming engine every surface uses, continuous
+batching over a fixed pool of KV slots, and the worker thread that owns an engine for servers."""
 
 from .engine import Engine
 from .requests import GenerationRequest, GenerationResult, RequestError, StreamDelta

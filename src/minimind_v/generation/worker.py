@@ -1,13 +1,19 @@
-"""One background thread that owns the engine, so no caller can hold it by walking away from a stream.
+"""One background thread that owns the engine and runs continuous batching, so no caller can hold it by walking away
+from a stream.
 
     caller                          worker thread
-    submit(request) -> Job   -->    bounded queue (full: ServerBusy)   -->   engine.stream([requests...])
+    submit(request) -> Job   -->    bounded queue (full: ServerBusy)
+                                    every step: end cancelled / timed-out requests, admit waiting ones into free
+                                    slots (scheduler.py), decode one token for every running request
     iterate the Job (sync or async) <--  each StreamDelta, an exception, or the end
 
-A consumer that stops reading only leaves deltas in its job's buffer (at most one per generated token); `job.cancel()`
-ends the job at the next decode step when it is running, or drops it unrun when it is waiting. An exception inside
-the engine goes to the jobs of that batch (raised where they iterate); the worker goes on with the next job.
-`stop(timeout)` cancels everything and joins the thread (a daemon, so it never keeps a process alive).
+A job's text is handed over at once for its first token and its end, else at most every STREAM_INTERVAL_S (one
+piece per 20 ms instead of one per token: far fewer events for the server to write when it decodes fast). A consumer
+that stops reading only leaves pieces in its job's buffer (at most one per generated token); `job.cancel()`
+ends the job at the next decode step when it is running, or drops it unrun when it is waiting. A request past its
+`timeout` ends with finish_reason "timeout" (waiting or running). An exception inside the engine goes to the jobs it
+concerns (raised where they iterate); the worker goes on. `stop(timeout)` cancels everything and joins the thread (a
+daemon, so it never keeps a process alive).
 """
 
 from __future__ import annotations
@@ -17,11 +23,16 @@ import collections
 import logging
 import queue
 import threading
+import time
 from typing import AsyncIterator, Iterator
 
 from .engine import Engine, GenerationRequest, GenerationResult, StreamDelta
+from .scheduler import ContinuousBatch
 
 logger = logging.getLogger(__name__)
+PREFILL_TOKENS = 8192  # prompt tokens admitted per step at most (at least one request): running requests wait less
+ADMIT_WAIT_S = 0.02  # while a batch runs, waiting requests gather until a group fills or the oldest waited this long
+STREAM_INTERVAL_S = 0.02  # a job's text is handed over at most this often (its first text and its end at once)
 
 
 class ServerBusy(RuntimeError):
@@ -44,12 +55,15 @@ _END = object()
 
 class Job:
     """One submitted request: iterate it for its StreamDeltas (`for` from a thread, `async for` on the event loop
-    given at submit), or take `result()` / `await aresult()`. Iteration ends after the last delta; an engine error
-    is raised there."""
+    given at submit; `chunks()` gives every delta already there at once), or take `result()` / `await aresult()`.
+    Iteration ends after the last delta; an engine error is raised there."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None,
+                 deadline: float | None = None):
         request.cancel = request.cancel or threading.Event()
-        self.request, self._loop = request, loop
+        self.request, self.loop, self.deadline = request, loop, deadline
+        self.submitted = time.monotonic()
+        self.held, self.handed = "", 0.0  # text not handed over yet; when text was last handed over
         self._items: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
 
     def cancel(self) -> None:
@@ -60,16 +74,9 @@ class Job:
     def cancelled(self) -> bool:
         return self.request.cancel.is_set()
 
-    def deliver(self, item) -> None:
-        """(worker thread) Hand a delta, a _Failure or the end to the consumer; a consumer whose event loop has
-        closed is gone, so the job is cancelled."""
-        if self._loop is None:
-            self._items.put(item)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
-        except RuntimeError:  # the loop is closed
-            self.cancel()
+    def put(self, item) -> None:
+        """(the consumer's thread or loop) Hand over a delta, a _Failure or the end."""
+        self._items.put_nowait(item)
 
     def _unpack(self, item):
         if isinstance(item, _Failure):
@@ -81,8 +88,26 @@ class Job:
             yield item
 
     async def __aiter__(self) -> AsyncIterator[StreamDelta]:
-        while (item := self._unpack(await self._items.get())) is not _END:
-            yield item
+        async for chunk in self.chunks():
+            for delta in chunk:
+                yield delta
+
+    async def chunks(self) -> AsyncIterator[list[StreamDelta]]:
+        """The deltas in lists: each list holds every delta that had arrived (a consumer that falls behind sends
+        fewer, larger pieces)."""
+        done = False
+        while not done:
+            items = [await self._items.get()]
+            while not self._items.empty():
+                items.append(self._items.get_nowait())
+            chunk = []
+            for item in items:
+                if self._unpack(item) is _END:
+                    done = True
+                    break
+                chunk.append(item)
+            if chunk:
+                yield chunk
 
     def result(self) -> GenerationResult | None:
         """The whole result (None when the job was dropped before it ran)."""
@@ -94,17 +119,47 @@ class Job:
         return results[-1] if results else None
 
 
-class EngineWorker:
-    """Runs submitted requests on `engine`, `max_batch` waiting requests at a time as one batch (1: each alone,
-    exactly as `engine.generate` would answer it), with at most `max_queue` requests waiting."""
+def deliver(items: list[tuple[Job, object]]) -> None:
+    """(worker thread) Hand items to their jobs: directly to threads, and in one callback per event loop (a job
+    whose loop has closed is gone, so it is cancelled)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
+    for job, item in items:
+        if job.loop is None:
+            job.put(item)
+        else:
+            by_loop[job.loop].append((job, item))
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, pairs)
+        except RuntimeError:  # the loop is closed
+            for job, _ in pairs:
+                job.cancel()
 
-    def __init__(self, engine: Engine, max_queue: int = 64, max_batch: int = 1, name: str = "engine-worker"):
-        if max_queue < 0 or max_batch < 1:
-            raise ValueError(f"max_queue must be >= 0 and max_batch >= 1 (got {max_queue}, {max_batch})")
-        self.engine, self.max_queue, self.max_batch = engine, max_queue, max_batch
+
+def _put_all(pairs: list[tuple[Job, object]]) -> None:
+    for job, item in pairs:
+        job.put(item)
+
+
+class EngineWorker:
+    """Runs submitted requests on `engine` with continuous batching: at most `max_batch` at once (each in a slot of
+    at most `max_len` tokens, default the model's context), at most `max_queue` waiting, each ended after
+    `timeout` seconds (None: never). `warm_up`: capture or compile the fixed decode steps before taking work.
+
+    A prefill costs about as much as a decode step, so while requests run, waiting ones are admitted in groups: when
+    max_batch / 8 slots are free, or the oldest has waited ADMIT_WAIT_S (an idle worker admits at once)."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64, max_batch: int = 64, max_len: int | None = None,
+                 timeout: float | None = None, warm_up: bool = False, name: str = "engine-worker"):
+        if max_queue < 0 or max_batch < 1 or (timeout is not None and timeout <= 0):
+            raise ValueError(f"max_queue must be >= 0, max_batch >= 1 and timeout > 0 (got {max_queue}, "
+                             f"{max_batch}, {timeout})")
+        self.engine, self.max_queue, self.timeout = engine, max_queue, timeout
+        self.batch = ContinuousBatch(engine, max_batch, max_len)
+        self.group = max(1, max_batch // 8)
         self._waiting: collections.deque[Job] = collections.deque()
-        self._running: list[Job] = []
-        self._stopping = False
+        self._running: dict[int, Job] = {}  # id(job) -> job, for stop()
+        self._stopping, self._warm = False, not warm_up
         self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -115,15 +170,26 @@ class EngineWorker:
         return self._thread.is_alive() and not self._stopping
 
     @property
+    def ready(self) -> bool:
+        """Alive and warmed up."""
+        return self.alive and self._warm
+
+    @property
     def waiting(self) -> int:
         """Jobs waiting to run (not counting cancelled ones, which are dropped unrun)."""
         with self._ready:
             return sum(not job.cancelled for job in self._waiting)
 
+    @property
+    def running(self) -> int:
+        """Requests in the running batch."""
+        return self.batch.active
+
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> Job:
-        """Queue a request; its Job streams back to a thread (loop None) or to `loop`. ServerBusy when the queue
-        is full, WorkerStopped after stop()."""
-        job = Job(request, loop)
+        """Queue a request; its Job streams back to a thread (loop None) or to `loop`. RequestError when its
+        prompt does not fit a slot, ServerBusy when the queue is full, WorkerStopped after stop()."""
+        self.batch.check(request)
+        job = Job(request, loop, time.monotonic() + self.timeout if self.timeout else None)
         with self._ready:
             if self._stopping:
                 raise WorkerStopped("the server is shutting down")
@@ -139,38 +205,90 @@ class EngineWorker:
         """Cancel every job (waiting and running), let the thread finish; True when it has."""
         with self._ready:
             self._stopping = True
-            for job in [*self._waiting, *self._running]:
+            for job in [*self._waiting, *self._running.values()]:
                 job.cancel()
             self._ready.notify()
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
     def _run(self) -> None:
+        if not self._warm:
+            try:
+                self.batch.warm_up()
+            except Exception:
+                logger.exception("warming up the decode steps failed; they are made at their first use instead")
+            self._warm = True
         while True:
             with self._ready:
-                while not self._waiting and not self._stopping:
+                while not self._waiting and not self._running and not self._stopping:
                     self._ready.wait()
-                if not self._waiting:
+                if self._stopping and not self._waiting and not self._running:
                     return
-                batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
-                self._running = batch
-            try:
-                self._serve(batch)
-            finally:
-                with self._ready:
-                    self._running = []
+                out, admitted = self._take()
+            out += self._turn(admitted)
+            deliver(out)
 
-    def _serve(self, batch: list[Job]) -> None:
-        """Run one batch; every job gets its deltas, then an error if the engine raised, then the end."""
-        live = [job for job in batch if not job.cancelled]  # a job cancelled while it waited is dropped unrun
-        try:
-            if live:
-                for delta in self.engine.stream([job.request for job in live]):
-                    live[delta.index].deliver(StreamDelta(0, delta.text, delta.result))
-        except Exception as err:
-            logger.exception("generation failed")
-            for job in live:
-                job.deliver(_Failure(err))
-        finally:
-            for job in batch:
-                job.deliver(_END)
+    def _take(self) -> tuple[list, list[Job]]:
+        """(under the lock) Drop cancelled and expired waiting jobs; take those that fit the free slots."""
+        out, admitted, tokens, now = [], [], 0, time.monotonic()
+        free = self.batch.free
+        if self.batch.active and free < self.group and not any(now - job.submitted >= ADMIT_WAIT_S
+                                                                for job in self._waiting):
+            free = 0  # gather a group: one prefill for several requests
+        kept = collections.deque()
+        for job in self._waiting:
+            if job.cancelled:
+                out.append((job, _END))
+            elif job.deadline is not None and now >= job.deadline:
+                out += [(job, StreamDelta(0, "", timed_out(job.request))), (job, _END)]
+            elif len(admitted) < free and (not admitted or tokens + len(job.request.prompt_ids) <= PREFILL_TOKENS):
+                admitted.append(job)
+                tokens += len(job.request.prompt_ids)
+                self._running[id(job)] = job
+            else:
+                kept.append(job)
+        self._waiting = kept
+        return out, admitted
+
+    def _turn(self, admitted: list[Job]) -> list[tuple[Job, object]]:
+        """End cancelled / expired requests, admit `admitted`, decode one step; what to deliver."""
+        out = self._finished(self.batch.expire())
+        if admitted:
+            try:
+                out += self._finished(self.batch.admit([(job, job.request, job.deadline) for job in admitted]))
+            except Exception as err:
+                logger.exception("prefill failed")
+                out += self._failed(admitted, err)
+        if self.batch.active:
+            try:
+                out += self._finished(self.batch.step())
+            except Exception as err:
+                logger.exception("decode step failed")
+                out += self._failed(self.batch.clear(), err)
+        return out
+
+    def _finished(self, deltas: list[tuple[Job, StreamDelta]]) -> list[tuple[Job, object]]:
+        """What to hand over for these deltas: pieces of text STREAM_INTERVAL_S apart, the last one and the end."""
+        out, now = [], time.monotonic()
+        for job, delta in deltas:
+            job.held += delta.text
+            if delta.result is None and now - job.handed < STREAM_INTERVAL_S:
+                continue
+            out.append((job, StreamDelta(0, job.held, delta.result)))
+            job.held, job.handed = "", now
+            if delta.result is not None:
+                out.append((job, _END))
+                with self._ready:
+                    self._running.pop(id(job), None)
+        return out
+
+    def _failed(self, jobs: list[Job], err: Exception) -> list[tuple[Job, object]]:
+        with self._ready:
+            for job in jobs:
+                self._running.pop(id(job), None)
+        return [pair for job in jobs for pair in ((job, _Failure(err)), (job, _END))]
+
+
+def timed_out(request: GenerationRequest) -> GenerationResult:
+    """The result of a request that waited past its deadline: nothing generated."""
+    return GenerationResult("", [], "timeout", len(request.prompt_ids or []))

@@ -2,16 +2,19 @@
 
     GET  /health                 liveness (answered on the event loop at once, even while generation runs)
     GET  /ready                  200 when the model is loaded and the engine's worker takes requests, else 503
+    GET  /metrics                Prometheus metrics (metrics.py)
     GET  /v1/models              the one model served
     POST /v1/chat/completions    OpenAI chat format: text and image_url content parts, stream (server-sent events),
                                  temperature, top_p, max_tokens / max_completion_tokens, stop, seed
                                  (+ top_k and repetition_penalty, as vLLM accepts them)
 
 A request's path: body (size-bounded, asgi.py; large ones read a few at a time) -> JSON parsed and images decoded
-to pixel values in a small thread pool (image_input.py) -> prompt checked -> one engine worker thread (worker.py;
-a bounded queue, full: 503 server_busy). A client that disconnects cancels its request at the next decode step,
-streaming or not. Every error is an OpenAI-style body {"error": {"message", "type", "param", "code"}}; an error in
-the middle of a stream ends it with `data: {"error": ...}` and `data: [DONE]`.
+to pixel values in a small thread pool (image_input.py) -> prompt checked -> one engine worker thread (worker.py:
+continuous batching; a bounded queue, full: 429 server_busy with Retry-After; a request past the time-out: 504).
+A client that disconnects cancels its request at the next decode step, streaming or not. A stream sends whatever
+text is ready in one event, so a client that reads slowly gets fewer, larger events. Every error is an
+OpenAI-style body {"error": {"message", "type", "param", "code"}}; an error in the middle of a stream ends it with
+`data: {"error": ...}` and `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -34,6 +37,7 @@ from ..generation import (Engine, EngineWorker, GenerationRequest, Job, RequestE
                           ServerBusy, WorkerStopped)
 from .asgi import CancellableStream, RequestGuard, RequestTooLarge
 from .image_input import ImageDecoder
+from .metrics import AccessLog, ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, ContentPart, ServerSettings, error_body, error_json
 
 logger = logging.getLogger(__name__)
@@ -43,8 +47,10 @@ LARGE_BODY = 2**20  # bodies over this many bytes are read a few at a time (Imag
 
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     """The app, with its engine worker (app.state.worker) and image decoder; both stop at the app's shutdown."""
-    worker = EngineWorker(engine, settings.max_queue, settings.max_batch)
+    worker = EngineWorker(engine, settings.max_queue, settings.max_batch, settings.max_len, settings.request_timeout,
+                          warm_up=True)
     decoder = ImageDecoder(engine, settings)
+    metrics = ServerMetrics(worker)
 
     @asynccontextmanager
     async def lifespan(_):
@@ -54,28 +60,37 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="minimind-v", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.worker = worker
+    app.state.metrics = metrics
     app.add_middleware(RequestGuard, api_key=settings.api_key, limit=settings.body_limit)
+    app.add_middleware(AccessLog, metrics=metrics)  # outermost: refused requests are logged and counted too
     add_error_handlers(app)
-    add_info_routes(app, settings, worker)
+    add_info_routes(app, settings, worker, metrics)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await complete(request, engine, settings, worker, decoder)
+        return await complete(request, engine, settings, worker, decoder, metrics)
 
     return app
 
 
-def add_info_routes(app: FastAPI, settings: ServerSettings, worker: EngineWorker) -> None:
-    """/health, /ready and /v1/models: answered on the event loop, never behind generation."""
+def add_info_routes(app: FastAPI, settings: ServerSettings, worker: EngineWorker, metrics: ServerMetrics) -> None:
+    """/health, /ready, /metrics and /v1/models: answered on the event loop, never behind generation."""
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.model_name}
 
     @app.get("/ready")
     async def ready():
-        if not worker.alive:
-            return error_body(503, "the engine worker is not running", "not_ready")
-        return {"status": "ready", "model": settings.model_name, "waiting": worker.waiting}
+        if not worker.ready:
+            message = "the decode steps are being prepared" if worker.alive else "the engine worker is not running"
+            return error_body(503, message, "not_ready")
+        return {"status": "ready", "model": settings.model_name, "waiting": worker.waiting,
+                "running": worker.running}
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, kind = metrics.render()
+        return Response(body, media_type=kind)
 
     @app.get("/v1/models")
     async def models():
@@ -84,7 +99,7 @@ def add_info_routes(app: FastAPI, settings: ServerSettings, worker: EngineWorker
 
 
 async def complete(request: Request, engine: Engine, settings: ServerSettings, worker: EngineWorker,
-                   decoder: ImageDecoder):
+                   decoder: ImageDecoder, metrics: ServerMetrics):
     """POST /v1/chat/completions: a stream of events, or the whole answer once it is done; a client that leaves
     cancels its request."""
     generation_request, stream, usage = await prepare(request, engine, settings, decoder)
@@ -92,12 +107,20 @@ async def complete(request: Request, engine: Engine, settings: ServerSettings, w
         raise APIError(400, "the client disconnected", "client_disconnected")
     job = submit(worker, generation_request)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+    access = request.scope.get("state", {}).get("access", {})
+    record = Recorder(metrics, access)
     if stream:
-        return CancellableStream(sse_events(job, meta, usage), job.cancel, media_type="text/event-stream")
+        return CancellableStream(sse_events(job, meta, usage, record), job.cancel, media_type="text/event-stream")
     try:
         result = await finished_or_gone(job, request)
     finally:
         job.cancel()  # the client left, the server is stopping, or (a no-op) the job is done
+    if result is not None:
+        record.first_text()
+        record.finished(result)
+    if result is not None and result.finish_reason == "timeout":
+        raise APIError(504, f"the request ran past this server's {settings.request_timeout:g} s time-out",
+                       "request_timeout")
     if result is None or result.finish_reason == "cancelled":
         raise APIError(503, "the request was cancelled before it finished", "cancelled")
     return {**meta, "object": "chat.completion",
@@ -166,7 +189,8 @@ def sampling_params(body: ChatCompletionRequest, settings: ServerSettings) -> Sa
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     try:
         return SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p,
-                              top_k=body.top_k, repetition_penalty=body.repetition_penalty, stop=stop, seed=body.seed)
+                              top_k=body.top_k, repetition_penalty=body.repetition_penalty, stop=stop, seed=body.seed,
+                              ignore_eos=body.ignore_eos)
     except SamplingError as err:
         param = max_field if err.field == "max_new_tokens" else err.field
         raise APIError(400, str(err).replace("max_new_tokens", param), "invalid_sampling_parameters", param) from None
@@ -203,11 +227,31 @@ async def to_generation_request(body: ChatCompletionRequest, settings: ServerSet
     return request
 
 
+class Recorder:
+    """One request's figures for the metrics and its access-log line."""
+
+    def __init__(self, metrics: ServerMetrics, access: dict):
+        self.metrics, self.access, self.first = metrics, access, None
+
+    def first_text(self) -> None:
+        if self.first is None and "start" in self.access:
+            self.first = time.perf_counter() - self.access["start"]
+            self.metrics.first_token.observe(self.first)
+            self.access["ttft"] = f"{self.first * 1000:.1f}ms"
+
+    def finished(self, result) -> None:
+        self.metrics.finished(result.prompt_tokens, result.completion_tokens)
+        self.access.update(prompt=result.prompt_tokens, completion=result.completion_tokens,
+                           finish=result.finish_reason)
+
+
 def submit(worker: EngineWorker, request: GenerationRequest) -> Job:
     try:
         return worker.submit(request, asyncio.get_running_loop())
     except ServerBusy as err:
-        raise APIError(503, f"the server is busy: {err}", "server_busy", headers={"Retry-After": "1"}) from None
+        raise APIError(429, f"the server is busy: {err}", "server_busy", headers={"Retry-After": "1"}) from None
+    except RequestError as err:
+        raise APIError(400, str(err), "invalid_prompt", "messages") from None
     except WorkerStopped as err:
         raise APIError(503, str(err), "shutting_down") from None
 
@@ -234,10 +278,10 @@ def _event(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def sse_events(job: Job, meta: dict, include_usage: bool):
-    """The job as chat.completion.chunk events: a role chunk, content deltas, the finish chunk (+ usage), [DONE]. An
-    engine error, or the job cancelled under a client that is still there (server shutdown), ends the stream with
-    an error event before [DONE]."""
+async def sse_events(job: Job, meta: dict, include_usage: bool, record: Recorder):
+    """The job as chat.completion.chunk events: a role chunk, content deltas (all the text that is ready in one
+    event), the finish chunk (+ usage), [DONE]. An engine error, a time-out, or the job cancelled under a client that
+    is still there (server shutdown), ends the stream with an error event before [DONE]."""
     def chunk(delta: dict, finish: str | None = None) -> str:
         return _event({**meta, "object": "chat.completion.chunk",
                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
@@ -245,15 +289,24 @@ async def sse_events(job: Job, meta: dict, include_usage: bool):
     yield chunk({"role": "assistant", "content": ""})
     finished = False
     try:
-        async for delta in job:
-            if delta.text:
-                yield chunk({"content": delta.text})
-            if delta.result is not None and delta.result.finish_reason != "cancelled":
+        async for deltas in job.chunks():
+            text, result = "".join(d.text for d in deltas), deltas[-1].result
+            record.first_text()
+            events = [chunk({"content": text})] if text else []
+            if result is not None:
+                record.finished(result)
+            if result is not None and result.finish_reason == "timeout":
                 finished = True
-                yield chunk({}, delta.result.finish_reason)
+                events.append(_event(error_json(504, "the request ran past this server's time-out",
+                                                "request_timeout")))
+            elif result is not None and result.finish_reason != "cancelled":
+                finished = True
+                events.append(chunk({}, result.finish_reason))
                 if include_usage:
-                    yield _event({**meta, "object": "chat.completion.chunk", "choices": [],
-                                  "usage": usage_of(delta.result)})
+                    events.append(_event({**meta, "object": "chat.completion.chunk", "choices": [],
+                                          "usage": usage_of(result)}))
+            if events:
+                yield "".join(events)
     except Exception as err:  # the worker has logged it with its traceback
         yield _event(error_json(500, f"generation failed: {type(err).__name__}: {str(err)[:200]}", "internal_error"))
         finished = True

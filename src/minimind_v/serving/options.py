@@ -4,6 +4,7 @@ the CLI builds its parser without importing the server)."""
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Mapping
 
 
@@ -18,10 +19,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
     parser.add_argument("--max-body-bytes", type=int,
                         help="largest request body (default: room for --max-images base64 images, + 1 MiB)")
-    parser.add_argument("--max-queue", type=int, default=64,
-                        help="requests waiting for the engine; more are answered 503 server_busy")
-    parser.add_argument("--max-batch", type=int, default=1,
-                        help="decode up to this many waiting requests together as one batch")
+    parser.add_argument("--max-batch", type=int, default=64,
+                        help="requests decoding together (continuous batching: requests join and leave the running "
+                             "batch at every step; each holds one slot of KV memory)")
+    parser.add_argument("--max-len", type=int, default=2048, metavar="TOKENS",
+                        help="prompt + answer tokens per request, at most (capped at the model's context); the KV "
+                             "memory is max-batch x max-len positions, allocated at start")
+    parser.add_argument("--max-queue", type=int, default=128,
+                        help="requests waiting for a slot; more are answered 429 server_busy with Retry-After")
+    parser.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="a request still waiting or generating after this long ends with 504 request_timeout "
+                             "(0: no time-out)")
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="do not log a line per request (client, path, status, time, tokens) to stderr")
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM/SIGINT, how long in-flight requests may finish before they are cancelled")
 
@@ -32,4 +42,18 @@ def settings_fields(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
                 api_key=args.api_key or environ.get("MINIMIND_V_API_KEY"),
                 local_image_root=args.allow_local_images, fetch_remote_images=args.fetch_remote_images,
                 max_images=args.max_images, max_image_bytes=args.max_image_bytes, max_queue=args.max_queue,
-                max_batch=args.max_batch, max_body_bytes=args.max_body_bytes)
+                max_batch=args.max_batch, max_len=args.max_len, request_timeout=args.request_timeout or None,
+                max_body_bytes=args.max_body_bytes)
+
+
+def configure_access_log(args: argparse.Namespace) -> None:
+    """One line per request on stderr (logger `minimind_v.access`), unless --no-access-log."""
+    log = logging.getLogger("minimind_v.access")
+    if args.no_access_log:
+        log.disabled = True
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False

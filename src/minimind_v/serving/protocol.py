@@ -25,8 +25,10 @@ class ServerSettings:
     max_images: int = 4
     max_image_bytes: int = 10 * MiB
     default_max_tokens: int = 256
-    max_queue: int = 64  # requests waiting for the engine; one more gets 503 server_busy
-    max_batch: int = 1  # waiting requests decoded together as one batch (1: each alone)
+    max_queue: int = 128  # requests waiting for a slot; one more gets 429 server_busy
+    max_batch: int = 64  # requests decoding together (continuous batching: each in a slot of the KV pool)
+    max_len: int | None = 2048  # prompt + answer tokens per request, at most (None: the model's context)
+    request_timeout: float | None = 600.0  # seconds from queueing to the last token (None: none)
     max_body_bytes: int | None = None  # None: room for max_images base64 images of max_image_bytes, + 1 MiB
     decode_threads: int = 2  # image decoding threads: at most this many full-size decoded images exist at once
     image_limits: ImageLimits = field(default_factory=lambda: DEFAULT_LIMITS)
@@ -49,7 +51,7 @@ class APIError(Exception):
 
 
 def error_json(status: int, message: str, code: str, param: str | None = None) -> dict:
-    kind = {401: "authentication_error", 404: "not_found_error"}.get(
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
         status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -92,6 +94,7 @@ class ChatCompletionRequest(BaseModel):
     stream_options: dict | None = None
     seed: int | None = None
     n: int = 1
+    ignore_eos: bool = False  # vLLM's extension: decode to the token limit whatever the model says (benchmarks)
 
     def max_new_tokens(self, default: int) -> tuple[int, str]:
         """(the token limit asked for, the field it came from); 0 is a value, not a missing one."""
