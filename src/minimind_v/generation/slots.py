@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .static_decode import Graphed
+
 BUCKET = 64  # a step attends over the filled positions rounded up to a multiple of this (a power-of-two one when fixed)
 WARM_SPAN = 256  # fixed steps over at most this many positions are made at warm-up
 MIN_ROWS = 8  # a fixed step covers at least this many slots (on a GPU 8 rows cost what 1 does): fewer shapes
@@ -80,7 +82,7 @@ class FixedStep:
         if pool.compile:  # one compiled graph per step shape: let Dynamo keep them all (its default keeps 8)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.run = torch.compile(self._forward, dynamic=False)
-        self.graph, self.logits = None, None
+        self.graphed = Graphed(self.run)  # recorded at the first step (its warm-up's pad rows write where it does)
 
     def __call__(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """ids, where [n, 1] -> logits [n, V] (a view, valid until the next step)."""
@@ -89,27 +91,13 @@ class FixedStep:
         self.mask.copy_((self.arange <= self.where)[:, None, None, :])
         if self.pool.device.type != "cuda":  # the same fixed-shape step, without a graph (tests)
             return self.run()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.logits
+        return self.graphed()
 
     def _forward(self) -> torch.Tensor:
         out = self.pool.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.where,
                               past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]  # [n, V]
 
-    def _capture(self) -> None:
-        """Warm up on a side stream (pad rows write only where this step writes anyway), then record one step."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.run()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.run()
 
 
 class SlotPool:

@@ -65,8 +65,10 @@ class StaticDecoder:
 
     def __init__(self, model, batch: int, max_len: int, use_graph: bool, compile: bool = False):
         device = model.device
-        self.model, self.use_graph, self.graph = model, use_graph, None
+        self.model, self.use_graph = model, use_graph
         self.run = torch.compile(self._forward, dynamic=False) if compile else self._forward  # fuses the small ops
+        # recorded at the first step (its warm-up writes land at the current position, which that step rewrites)
+        self.graphed = Graphed(self.run)
         self.cpu_compiled = compile and device.type == "cpu"
         self.cache = StaticCache(model.config.num_hidden_layers, max_len, device)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
@@ -74,7 +76,6 @@ class StaticDecoder:
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # [B, max_len]: not padding
         self.mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=device)  # [B, 1, 1, max_len]
         self.arange = torch.arange(max_len, device=device)
-        self.logits: torch.Tensor | None = None
 
     def start(self, padding_mask: torch.Tensor | None) -> StaticCache:
         """Before a prefill: padding_mask [B, L] (1 = token) of the prompt, or None; returns the emptied cache."""
@@ -94,28 +95,12 @@ class StaticDecoder:
         if not self.use_graph:
             with cpu_step_options() if self.cpu_compiled else contextlib.nullcontext():
                 return self.run()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.logits
+        return self.graphed()
 
     def _forward(self) -> torch.Tensor:
         out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]  # [B, V]
-
-    def _capture(self) -> None:
-        """Warm up on a side stream (the writes land at the current position, which this step rewrites anyway),
-        then record one step."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.run()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.run()
 
 
 class DecoderPool:
@@ -155,3 +140,25 @@ def cpu_step_options():
 def static_possible(model) -> bool:
     """Whether the model decodes through one fixed-shape step (graphs on CUDA, compiled steps on a CPU)."""
     return model.supports_static_decode
+
+
+class Graphed:
+    """`run()` recorded as a CUDA graph at the first call (after three warm-up calls on a side stream, as capture
+    needs) and replayed at every call: -> the output tensor that each replay rewrites."""
+
+    def __init__(self, run):
+        self.run, self.graph, self.out = run, None, None
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self.run()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.run()
+        self.graph.replay()
+        return self.out
