@@ -152,3 +152,47 @@ def test_a_request_past_the_timeout_is_a_504_and_frees_its_slot(impatient):
         events = [line[6:].strip().decode() for line in response if line.startswith(b"data: ")]
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
     assert any('"content": "' in e and '"content": ""' not in e for e in events)  # text came before the time-out
+
+
+def test_clients_that_leave_mid_stream_free_their_slots_and_the_others_answer_as_alone(served, monkeypatch):
+    import http.client
+
+    engine, worker = served["engine"], served["app"].state.worker
+    host, port = served["url"].removeprefix("http://").split(":")
+    prompts = [f"story number {i}" for i in range(12)]
+    alone = [engine.generate([GenerationRequest(messages=[{"role": "user", "content": p}],
+                                                params=SamplingParams(max_new_tokens=40))])[0].text for p in prompts]
+
+    def stream(i: int) -> str | None:
+        """Client i reads its stream to the end, or (odd i) leaves after the first chunk; what it read."""
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        body = {"model": "tiny", "stream": True, "max_tokens": 40, "temperature": 0,
+                "messages": [{"role": "user", "content": prompts[i]}]}
+        if i % 2:  # would run to the context (about 490 tokens) unless its leaving cancels it
+            body.update(max_tokens=2000, ignore_eos=True)
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        text = ""
+        for line in connection.getresponse():
+            if line.startswith(b"data: {"):
+                choices = json.loads(line[6:])["choices"]
+                text += choices[0]["delta"].get("content") or "" if choices else ""
+                if i % 2:
+                    connection.close()  # gone mid-stream
+                    return None
+        return text
+
+    steps, real = [0], worker.batch.step
+
+    def counting_step():
+        steps[0] += 1
+        return real()
+
+    monkeypatch.setattr(worker.batch, "step", counting_step)
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        texts = list(pool.map(stream, range(12)))
+    assert [texts[i] for i in range(0, 12, 2)] == [alone[i] for i in range(0, 12, 2)]
+    deadline = time.time() + 5
+    while worker.running and time.time() < deadline:
+        time.sleep(0.02)
+    assert worker.running == 0 and worker.batch.free == worker.batch.pool.slots
+    assert steps[0] < 200  # the six that left stopped within a few steps, not after some 490

@@ -3,8 +3,9 @@
     minimind_v_requests_total{status}                  chat completions answered, by HTTP status
     minimind_v_request_duration_seconds                request received -> last byte sent (histogram)
     minimind_v_time_to_first_token_seconds             request received -> first generated text (histogram)
-    minimind_v_prompt_tokens_total                     prompt tokens of finished requests
-    minimind_v_generation_tokens_total                 generated tokens (rate() of it: tokens/s)
+    minimind_v_prompt_tokens_total                     prompt tokens of answered requests
+    minimind_v_generation_tokens_total                 tokens generated for answered requests (rate(): tokens/s;
+                                                       a request whose client left is not counted)
     minimind_v_generation_tokens_per_second            generated tokens per second over the last 10 s
     minimind_v_queue_length                            requests waiting for a slot
     minimind_v_running_batch_size                      requests in the running decode batch
