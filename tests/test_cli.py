@@ -58,3 +58,13 @@ def test_console_script_is_installed():
     assert exe is not None
     result = subprocess.run([exe, "presets"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "minimind-3v" in result.stdout and "large_moe" in result.stdout
+
+
+def test_version(capsys):
+    import pytest
+
+    from minimind_v import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"minimind-v {__version__}"

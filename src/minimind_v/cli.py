@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from . import __version__
 from .config import PRESETS, MiniMindVConfig, parse_overrides
 
 
@@ -344,6 +345,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minimind-v", description="Tiny vision-language models: MiniMind-V.")
+    parser.add_argument("--version", action="version", version=f"minimind-v {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     diag = sub.add_parser("diagnose", help="config, device, parameters, a forward pass with a NaN/Inf check, memory")
     diag.add_argument("--model", help="a model folder saved by this project (save_pretrained)")
