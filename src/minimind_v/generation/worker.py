@@ -143,13 +143,14 @@ def _put_all(pairs: list[tuple[Job, object]]) -> None:
 
 class EngineWorker:
     """Runs submitted requests on `engine` with continuous batching: at most `max_batch` at once (each in a slot of
-    at most `max_len` tokens, default the model's context), at most `max_queue` waiting, each ended after
-    `timeout` seconds (None: never). `warm_up`: capture or compile the fixed decode steps before taking work.
+    at most `max_len` tokens, capped at the model's context; None: the context), at most `max_queue` waiting, each
+    ended after `timeout` seconds (None: never). `warm_up`: capture or compile the fixed decode steps before taking
+    work.
 
     A prefill costs about as much as a decode step, so while requests run, waiting ones are admitted in groups: when
     max_batch / 8 slots are free, or the oldest has waited ADMIT_WAIT_S (an idle worker admits at once)."""
 
-    def __init__(self, engine: Engine, max_queue: int = 64, max_batch: int = 64, max_len: int | None = None,
+    def __init__(self, engine: Engine, max_queue: int = 64, max_batch: int = 64, max_len: int | None = 2048,
                  timeout: float | None = None, warm_up: bool = False, name: str = "engine-worker"):
         if max_queue < 0 or max_batch < 1 or (timeout is not None and timeout <= 0):
             raise ValueError(f"max_queue must be >= 0, max_batch >= 1 and timeout > 0 (got {max_queue}, "

@@ -49,7 +49,7 @@ def build_app(engine: Engine, title: str = "minimind-v"):
     """The Gradio Blocks app; its answers run on a worker thread of its own over `engine`."""
     import gradio as gr
 
-    worker = EngineWorker(engine)
+    worker = EngineWorker(engine, max_batch=8)  # a few browsers at once; KV memory for 8 answers
     with gr.Blocks(title=title) as app:
         gr.Markdown(f"## {title}\nUpload an image (it goes with your next message), ask, and watch the answer stream.")
         history = gr.State(empty_history())
