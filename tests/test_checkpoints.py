@@ -148,3 +148,12 @@ def test_remote_code_export_of_a_moe_model(towers, tmp_path):
     result = subprocess.run([sys.executable, "-c", REMOTE, str(tmp_path / "export"), str(tmp_path / "io.pt")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "REMOTE OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_convert_to_a_pth_in_a_missing_folder_creates_it(model_dir, tmp_path):
+    from minimind_v.cli import main
+
+    target = tmp_path / "not" / "yet" / "model.pth"
+    assert main(["convert", str(model_dir), str(target)]) == 0
+    state = torch.load(target, weights_only=True)
+    assert state and all(t.dtype == torch.float16 for t in state.values())

@@ -282,3 +282,12 @@ def test_a_damaged_feature_cache_is_computed_again(workspace, tmp_path, caplog):
     Trainer(args_for(workspace, "sft", tmp_path / "b", **{**SHORT, "feature_cache": str(cache)})).run()
     assert "is damaged" in caplog.text
     assert_same_weights(weights(tmp_path / "b"), weights(tmp_path / "a"))
+
+
+def test_image_data_without_a_vision_tower_is_a_clear_error_before_training(workspace, tmp_path):
+    from minimind_v.training.trainer import Trainer
+
+    with pytest.raises(ValueError, match=r"has 49 records with images, but the model has no vision tower: give "
+                                         r"--vision DIR"):
+        Trainer(args_for(workspace, "sft", tmp_path / "run", vision=None))
+    assert not os.path.exists(tmp_path / "run" / "run.json")

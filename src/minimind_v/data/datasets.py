@@ -67,6 +67,10 @@ class _RecordDataset(Dataset, abc.ABC):
             raise ValueError(f"no usable records in {os.fspath(path)!r}: {self.stats.summary()}")
         self._skipped: dict[int, str] = {}  # index -> reason: a skipped record is counted once
 
+    def image_records(self) -> int:
+        """How many of the kept records show images."""
+        return sum(bool(record.get("images")) for record in self.records)
+
     @abc.abstractmethod
     def _check(self, record: dict) -> None:
         """Raise SkipRecord for a record that cannot be used (text-level checks, at construction)."""

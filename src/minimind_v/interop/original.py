@@ -152,4 +152,5 @@ def save_original(model: MiniMindVLM, path: str | os.PathLike, dtype: torch.dtyp
         raise ValueError(f"the original .pth layout knows only the linear and mlp projectors, not "
                          f"{model.config.projector_type!r}; keep this model as a folder (save_pretrained)")
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict_without_tower().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as a folder target is created
     torch.save(state, path)

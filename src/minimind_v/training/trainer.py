@@ -164,6 +164,10 @@ class Trainer:
         self.stats = SkipStats()
         self.dataset = make_dataset(args, self.tokenizer, self.model, self.stats, self.max_seq_len)
         tower = self.model.vision_tower
+        if tower is None and self.dataset.image_records():
+            raise ValueError(f"{args.data} has {self.dataset.image_records():,} records with images, but the model "
+                             "has no vision tower: give --vision DIR (a CLIP or SigLIP folder), or --from-weight a "
+                             "model that has one")
         self.features = ImageFeatures(tower, args.feature_cache, tower_id(config, tower)) if tower is not None else None
         if self.features is not None and args.num_workers > 0 and args.feature_cache is None:  # in the workers
             half = torch.float16 if self.device.type == "cuda" else torch.float32  # half the bytes to ship
