@@ -38,6 +38,10 @@ def test_interactive_chat_in_a_pseudo_terminal(model_dir):
         child.expect(r"\[6 tokens, prefill \d+ ms, decode [\d.]+ tokens/s, finish: length\]|finish: stop\]")
         child.sendline("/image /no/such/file.png")
         child.expect(r"\[error: image /no/such/file.png: missing image")
+        child.expect("you> ")
+        child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, the session goes on
+        child.expect(r"\[Ctrl-D or /quit to leave\]")
+        child.expect("you> ")
         child.sendline("/quit")
         child.expect(pexpect.EOF)
     finally:
@@ -60,6 +64,27 @@ def test_scripted_chat_prints_the_engines_answer(model_dir, flags):
                                                   images=[open_image(image)],
                                                   params=SamplingParams(max_new_tokens=8))])[0]
     assert done.stdout == expected.text + "\n"
+
+
+def test_ctrl_c_stops_the_answer_and_the_conversation_goes_on(model_dir, monkeypatch):
+    engine = engine_for(model_dir)
+    session = ChatSession(engine, SamplingParams(max_new_tokens=30))
+    real, shown = engine.stream, []
+
+    def interrupted(requests):  # Ctrl-C arrives after the third piece of text
+        for k, delta in enumerate(real(requests)):
+            if k == 3:
+                raise KeyboardInterrupt
+            yield delta
+
+    monkeypatch.setattr(engine, "stream", interrupted)
+    result = session.send("tell me", shown.append)
+    assert result.finish_reason == "cancelled" and result.text == "".join(shown)
+    assert session.messages[-1] == {"role": "assistant", "content": result.text}
+    monkeypatch.setattr(engine, "stream", real)
+    assert engine.lock.acquire(timeout=1)  # the engine was released
+    engine.lock.release()
+    assert session.send("and then?", lambda text: None).finish_reason in ("stop", "length")
 
 
 def test_history_carries_earlier_turns_and_images(model_dir):

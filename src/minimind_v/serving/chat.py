@@ -15,7 +15,7 @@ from ..generation import Engine, GenerationRequest, GenerationResult, RequestErr
 HELP = ("commands: /image PATH  attach an image to your next message (repeatable)\n"
         "          /reset       forget the conversation\n"
         "          /stats       show or hide decode speed after each answer\n"
-        "          /quit        leave (or Ctrl-D)")
+        "          /quit        leave (or Ctrl-D); Ctrl-C stops an answer")
 
 
 def open_image(ref: str | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
@@ -47,10 +47,15 @@ class ChatSession:
         message = {"role": "user", "content": IMAGE_MARKER * len(self.pending) + text}
         request = GenerationRequest(messages=self.messages + [message], images=self.images + self.pending,
                                     params=self.params)
-        result = None
-        for delta in self.engine.stream([request]):
-            on_delta(delta.text)
-            result = delta.result or result
+        result, text, stream = None, "", self.engine.stream([request])
+        try:
+            for delta in stream:
+                on_delta(delta.text)
+                text += delta.text
+                result = delta.result or result
+        except KeyboardInterrupt:  # Ctrl-C: the answer stops here; what was shown stays in the conversation
+            stream.close()
+            result = GenerationResult(text, [], "cancelled", len(request.prompt_ids or []))
         self.messages += [message, {"role": "assistant", "content": result.text}]
         self.images += self.pending
         self.pending = []
@@ -79,9 +84,12 @@ def run_chat(session: ChatSession, prompt: str | None = None, images: list[str] 
     while True:
         try:
             line = read("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             write("\n")
             return 0
+        except KeyboardInterrupt:  # as in a shell: a fresh prompt
+            write("\n[Ctrl-D or /quit to leave]\n")
+            continue
         stats = _turn(session, line, stats, write)
         if stats is None:
             return 0
@@ -107,7 +115,8 @@ def _turn(session: ChatSession, line: str, stats: bool, write: Callable[[str], N
         else:
             write("assistant> ")
             result = session.send(line, write)
-            write("\n" + (speed_line(result) + "\n" if stats else ""))
+            stopped = "\n[stopped]" if result.finish_reason == "cancelled" else ""
+            write(stopped + "\n" + (speed_line(result) + "\n" if stats else ""))
     except RequestError as err:
         write(f"[error: {err}]\n")
     return stats
