@@ -109,7 +109,8 @@ def test_bench_serve_reports_load_latency_and_memory(model_dir, capsys):
 def test_bench_serve_table(model_dir, capsys):
     from minimind_v.bench.serve import table
 
-    report = {"clients": 2, "load_seconds": 1, "seconds": 1.2, "stream": False, "max_tokens": 4,
+    report = {"clients": 2, "load_seconds": 1, "seconds": 1.2, "stream": False, "max_tokens": 4, "temperature": 0.0,
+              "ignore_eos": True,
               "images_per_request": 0, "request_body_bytes": [120],
               "requests": {"ok": 5, "failed": 1, "by_status": {"200": 5, "503": 1}},
               "completion_tokens": 20, "tokens_per_s": 20.0, "requests_per_s": 5.0,
@@ -119,4 +120,5 @@ def test_bench_serve_table(model_dir, capsys):
     text = table(report)
     assert "| requests ok / failed" in text and "5 / 1" in text and "200: 5, 503: 1" in text
     assert "300.0 MiB / 320.5 MiB / 301.0 MiB" in text and "0.002 s / 0.01 s" in text
-    assert text.startswith("bench serve: 2 clients sending for 1 s (1.2 s to the last answer)")
+    assert text.startswith("bench serve: 2 clients sending for 1 s (1.2 s to the last answer), max_tokens 4 (EOS "
+                           "ignored), temperature 0, not streamed")

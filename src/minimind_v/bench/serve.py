@@ -228,7 +228,8 @@ def table(report: dict) -> str:
     width = max(len(name) for name, _ in rows)
     sizes = sorted(set(r["request_body_bytes"]))
     title = (f"bench serve: {r['clients']} clients sending for {r['load_seconds']:g} s ({r['seconds']} s to the last "
-             f"answer), max_tokens {r['max_tokens']}, {'streamed' if r['stream'] else 'not streamed'}, "
+             f"answer), max_tokens {r['max_tokens']}{' (EOS ignored)' if r['ignore_eos'] else ''}, "
+             f"temperature {r['temperature']:g}, {'streamed' if r['stream'] else 'not streamed'}, "
              f"{r['images_per_request']} image(s) per request, bodies of {' / '.join(f'{n:,}' for n in sizes)} bytes")
     lines = [title, "", f"| {'figure':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
     return "\n".join(lines + [f"| {name:<{width}} | {value} |" for name, value in rows])
@@ -245,7 +246,7 @@ def start_server(model: str, name: str, extra: list[str], wait: float = 600) -> 
     (process, base URL)."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "minimind_v.cli", "serve", model, "--port", str(port),
-                                "--model-name", name, *extra])
+                                "--model-name", name, "--no-access-log", *extra])
     url, deadline = f"http://127.0.0.1:{port}", time.time() + wait
     while True:
         try:
