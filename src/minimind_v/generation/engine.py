@@ -145,7 +145,7 @@ class Engine:
         the text released so far."""
         for i, (row, cancel) in enumerate(zip(rows, cancels)):
             if row.finish is None and cancel is not None and cancel.is_set():
-                row.finish, row.text = "cancelled", row.text[:row.released]
+                row.end("cancelled")
                 yield StreamDelta(i, "", self._result(row, start, prefill_done))
 
     def prepare(self, requests: list[GenerationRequest], prompts: list[list[int]] | None = None):

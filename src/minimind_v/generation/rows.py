@@ -38,6 +38,10 @@ class Row:
             return self._release(len(self.text))
         return self._release(self._safe_end())
 
+    def end(self, reason: str) -> None:
+        """Stop before the limit (cancelled, timed out): the text is what was released so far."""
+        self.finish, self.text = reason, self.text[:self.released]
+
     def _detokenize(self, final: bool) -> None:
         """Extend the text by the new tokens, decoding only a short window (not the whole answer every step); a
         partial multi-byte character waits for its remaining bytes unless this is the end."""

@@ -15,7 +15,7 @@ what else runs: a row sees only its own slot.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,7 +39,7 @@ class Running:
     deadline: float | None
     length: int = 0
     pending: int = 0
-    first_token: float = field(default=0.0)
+    first_token: float = 0.0
 
 
 class ContinuousBatch:
@@ -118,7 +118,7 @@ class ContinuousBatch:
             reason = ("cancelled" if cancel is not None and cancel.is_set() else
                       "timeout" if r.deadline is not None and now >= r.deadline else None)
             if reason:
-                r.row.finish, r.row.text = reason, r.row.text[:r.row.released]
+                r.row.end(reason)
                 out.append((r.key, StreamDelta(0, "", self._result(r))))
                 self.running[slot] = None
         return out

@@ -159,7 +159,7 @@ class EngineWorker:
         self.batch = ContinuousBatch(engine, max_batch, max_len)
         self.group = max(1, max_batch // 8)
         self._waiting: collections.deque[Job] = collections.deque()
-        self._running: dict[int, Job] = {}  # id(job) -> job, for stop()
+        self._running: set[Job] = set()  # admitted and not ended: what stop() cancels
         self._stopping, self._warm = False, not warm_up
         self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -206,7 +206,7 @@ class EngineWorker:
         """Cancel every job (waiting and running), let the thread finish; True when it has."""
         with self._ready:
             self._stopping = True
-            for job in [*self._waiting, *self._running.values()]:
+            for job in [*self._waiting, *self._running]:
                 job.cancel()
             self._ready.notify()
         self._thread.join(timeout)
@@ -245,7 +245,7 @@ class EngineWorker:
             elif len(admitted) < free and (not admitted or tokens + len(job.request.prompt_ids) <= PREFILL_TOKENS):
                 admitted.append(job)
                 tokens += len(job.request.prompt_ids)
-                self._running[id(job)] = job
+                self._running.add(job)
             else:
                 kept.append(job)
         self._waiting = kept
@@ -280,13 +280,13 @@ class EngineWorker:
             if delta.result is not None:
                 out.append((job, _END))
                 with self._ready:
-                    self._running.pop(id(job), None)
+                    self._running.discard(job)
         return out
 
     def _failed(self, jobs: list[Job], err: Exception) -> list[tuple[Job, object]]:
         with self._ready:
             for job in jobs:
-                self._running.pop(id(job), None)
+                self._running.discard(job)
         return [pair for job in jobs for pair in ((job, _Failure(err)), (job, _END))]
 
 

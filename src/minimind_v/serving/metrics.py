@@ -111,6 +111,8 @@ class AccessLog:
         if scope["path"] == self.path:
             self.metrics.requests.labels(str(status)).inc()
             self.metrics.duration.observe(seconds)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
         client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "-"
         details = "".join(f" {k}={v}" for k, v in extra.items() if k != "start")
         access_log.info("%s %s %s %d %.1fms%s", client, scope["method"], scope["path"], status, seconds * 1000,

@@ -24,7 +24,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "batch at every step; each holds one slot of KV memory)")
     parser.add_argument("--max-len", type=int, default=2048, metavar="TOKENS",
                         help="prompt + answer tokens per request, at most (capped at the model's context); the KV "
-                             "memory is max-batch x max-len positions, allocated at start")
+                             "memory is max-batch x max-len positions, allocated once")
     parser.add_argument("--max-queue", type=int, default=128,
                         help="requests waiting for a slot; more are answered 429 server_busy with Retry-After")
     parser.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
