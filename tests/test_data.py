@@ -440,6 +440,39 @@ def test_a_dataloader_batches_a_dataset(tmp_path, tokenizer):
     assert (batch["input_ids"] == 34).sum() == 2 * RUN
 
 
+def test_later_epochs_reuse_the_tokens_and_skip_decoding_cached_images(tmp_path, tokenizer, monkeypatch):
+    """A record is tokenized once (its second read never calls the tokenizer) and an image whose features are cached
+    is not decoded (None in its place, the same key); the samples are otherwise the same."""
+    import minimind_v.data.datasets as datasets
+
+    images = [png(RED), png(BLUE)]
+    path = write_parquet(tmp_path / "d.parquet", [json.dumps(conv("<image>\nWhat colour?", "Red.")),
+                                                  json.dumps(conv("<image>\nAnd this?", "Blue."))], images)
+    data = dataset(path, tokenizer)
+    first = [data[0], data[1]]
+    calls, decodes = [], []
+    monkeypatch.setattr(datasets, "tokenize_conversation", lambda *a: calls.append(a) or tokenize_conversation(*a))
+    monkeypatch.setattr(datasets, "load_image", lambda *a: decodes.append(a) or load_image(*a))
+    data.cached_keys = {hashlib.sha256(images[0]).hexdigest()}
+    again = [data[0], data[1]]
+    assert calls == [] and len(decodes) == 1  # no tokenizing; only the uncached image decoded
+    assert [s.input_ids for s in again] == [s.input_ids for s in first]
+    assert [s.labels for s in again] == [s.labels for s in first]
+    assert [s.image_keys for s in again] == [s.image_keys for s in first]
+    assert again[0].images == [None] and again[1].images[0].getpixel((0, 0)) == BLUE
+    monkeypatch.setattr(datasets, "TOKEN_MEMORY", 0)  # over the budget: tokenized at every read, nothing kept
+    fresh = dataset(path, tokenizer)
+    fresh[0], fresh[0]
+    assert len(calls) == 2 and not fresh._tokens
+
+
+def test_a_cut_sample_is_counted_at_every_read_as_before(tmp_path, tokenizer):
+    path = write_parquet(tmp_path / "d.parquet", [json.dumps(conv("<image>\nQ?", "A long answer " * 20))], [png()])
+    data = dataset(path, tokenizer, max_seq_len=64)
+    first, second = data[0], data[0]
+    assert len(first.input_ids) == len(second.input_ids) == 64 and data.stats.converted["truncated"] == 2
+
+
 # --------------------------------------------------------------------------------------------------- SkipStats
 
 

@@ -66,6 +66,23 @@ def test_tiny_sft_run_lowers_the_loss_and_writes_everything(workspace, tmp_path)
     assert report["accuracy"] == 1.0 and report["per_type"]["color"]["total"] == 3
 
 
+def test_a_filled_feature_cache_spares_decoding_and_changes_no_loss(workspace, tmp_path, monkeypatch):
+    """A second run over the same images with their features cached decodes none of them (the corrupt one, never
+    cached, is still read and skipped) and trains exactly as the run that filled the cache; so do its later epochs."""
+    import minimind_v.data.datasets as datasets
+
+    cache = str(tmp_path / "cache")
+    first = Trainer(args_for(workspace, "sft", tmp_path / "a", epochs=2, freeze=0, feature_cache=cache)).run()
+    decoded = []
+    original = datasets.load_image
+    monkeypatch.setattr(datasets, "load_image", lambda *a: decoded.append(a) or original(*a))
+    second = Trainer(args_for(workspace, "sft", tmp_path / "b", epochs=2, freeze=0, feature_cache=cache)).run()
+    losses = [[r["loss"] for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if "loss" in r]
+              for run in "ab"]
+    assert losses[0] == losses[1] and first["loss"] == second["loss"]
+    assert len(decoded) == 1 and "1 corrupt image" in second["skipped"]  # the corrupt record, once (then remembered)
+
+
 @pytest.mark.parametrize("stage", ["pretrain-llm", "pretrain-vlm"])
 def test_stage_trains_what_its_freeze_strategy_says(workspace, tmp_path, stage):
     trainer = Trainer(args_for(workspace, stage, tmp_path / stage, max_steps=2))

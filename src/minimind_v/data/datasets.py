@@ -7,19 +7,26 @@ once and keep the usable ones. Bad records never crash training and never train 
 that `SkipStats` counts and logs (skips.py), or converted cleanly and counted (non-RGB images -> RGB, over-long
 samples shortened); images are decoded within size limits (images.py). Labels follow the Hugging Face convention:
 aligned with input_ids, -100 where there is no loss (the model shifts them).
+
+Epochs after the first cost little host work: a conversation's tokens are kept after their first use (up to
+`TOKEN_MEMORY` tokens), and an image whose tower features are already cached (`cached_keys`) is not decoded again -
+it was decoded and checked when its features were computed; its Sample carries None in its place.
 """
 
 from __future__ import annotations
 
 import abc
 import os
+from array import array
+from collections.abc import Container
 from dataclasses import dataclass
 
 from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import IGNORE_INDEX, MiniMindVConfig
-from .images import DEFAULT_LIMITS, ImageLimits, load_image
+from ..models.image_features import bytes_key
+from .images import DEFAULT_LIMITS, ImageLimits, load_image, read_image_bytes
 from .processing import expand_image_markers, placeholder_runs, tokenize_conversation, truncate
 from .records import check_conversation, iter_records
 from .skips import EMPTY_TEXT, TRUNCATED, WRONG_KIND, SkipRecord, SkipStats
@@ -31,7 +38,7 @@ class Sample:
 
     input_ids: list[int]
     labels: list[int]  # same length as input_ids; -100 where there is no loss
-    images: list[Image.Image]
+    images: list[Image.Image | None]  # None: the image's features are cached (the image was not decoded)
     image_keys: list[str]  # sha256 hex of each image's encoded bytes (a feature-cache key)
 
     def __post_init__(self) -> None:
@@ -39,6 +46,8 @@ class Sample:
             raise ValueError(f"a Sample needs one label per input id ({len(self.labels)} vs {len(self.input_ids)}) "
                              f"and one key per image ({len(self.image_keys)} vs {len(self.images)})")
 
+
+TOKEN_MEMORY = 1 << 24  # tokens of tokenized conversations a dataset keeps (128 MB at most, per process)
 
 # ------------------------------------------------------------------------------------------------------ datasets
 
@@ -76,8 +85,8 @@ class _RecordDataset(Dataset, abc.ABC):
         """Raise SkipRecord for a record that cannot be used (text-level checks, at construction)."""
 
     @abc.abstractmethod
-    def _build(self, record: dict) -> Sample:
-        """The record as a Sample, or SkipRecord (image and length problems, at access)."""
+    def _build(self, record: dict, index: int) -> Sample:
+        """Record `index` as a Sample, or SkipRecord (image and length problems, at access)."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -86,7 +95,7 @@ class _RecordDataset(Dataset, abc.ABC):
         if i in self._skipped:
             return None, self._skipped[i]
         try:
-            return self._build(self.records[i])
+            return self._build(self.records[i], i)
         except SkipRecord as skip:
             self._skipped[i] = skip.reason
             self.stats.add(skip.reason, f"record {i}: {skip.detail}")
@@ -108,12 +117,35 @@ class ConversationDataset(_RecordDataset):
             raise ValueError("the tokenizer has no chat_template; conversations cannot be rendered")
         self.config, self.image_limits = config, image_limits
         self.transform = None  # e.g. image -> pixel values [3, H, W], so that loader workers preprocess too
+        self.cached_keys: Container[str] = ()  # keys of images whose features are cached: not decoded
+        self._tokens: dict[int, tuple[array, array, int, bool]] = {}  # record index -> its tokens, once used
+        self._token_count = 0
         super().__init__(path, tokenizer, max_seq_len, image_root, stats)
 
     def _check(self, record: dict) -> None:
         check_conversation(record)
 
-    def _build(self, record: dict) -> Sample:
+    def _build(self, record: dict, index: int) -> Sample:
+        known = self._tokens.get(index)
+        if known is None:
+            known = self._tokenize(record)
+            if self._token_count + len(known[0]) <= TOKEN_MEMORY:
+                self._tokens[index] = known
+                self._token_count += len(known[0])
+        input_ids, labels, kept, truncated = known
+        if truncated:
+            self.stats.convert(TRUNCATED)
+        keys, images = [], []
+        for ref in record["images"][:kept]:
+            data = read_image_bytes(ref)
+            key = bytes_key(data)
+            image = None if key in self.cached_keys else load_image(data, self.image_limits, self.stats)[0]
+            keys.append(key)
+            images.append(image if image is None or self.transform is None else self.transform(image))
+        return Sample(input_ids.tolist(), labels.tolist(), images, keys)
+
+    def _tokenize(self, record: dict) -> tuple[array, array, int, bool]:
+        """(input_ids, labels, images kept, whether it was cut) of a record within max_seq_len."""
         config = self.config
         messages = [{**t, "content": expand_image_markers(t["content"], config)} for t in record["conversations"]]
         input_ids, labels = tokenize_conversation(self.tokenizer, messages)
@@ -122,11 +154,7 @@ class ConversationDataset(_RecordDataset):
             labels[s:s + config.image_token_len] = [IGNORE_INDEX] * config.image_token_len
         full_len = len(input_ids)
         input_ids, labels, kept = truncate(input_ids, labels, starts, config.image_token_len, self.max_seq_len)
-        loaded = [load_image(ref, self.image_limits, self.stats) for ref in record["images"][:kept]]
-        if len(input_ids) < full_len:
-            self.stats.convert(TRUNCATED)
-        images = [image if self.transform is None else self.transform(image) for image, _ in loaded]
-        return Sample(input_ids, labels, images, [key for _, key in loaded])
+        return array("i", input_ids), array("i", labels), kept, len(input_ids) < full_len
 
 
 class TextDataset(_RecordDataset):
@@ -146,7 +174,7 @@ class TextDataset(_RecordDataset):
         if not record["text"].strip():
             raise SkipRecord(EMPTY_TEXT, "the text is empty")
 
-    def _build(self, record: dict) -> Sample:
+    def _build(self, record: dict, index: int) -> Sample:
         ids = self.tokenizer(record["text"], add_special_tokens=False)["input_ids"]
         bos, eos = [self.bos_id] if self.bos_id is not None else [], [self.eos_id] if self.eos_id is not None else []
         ids = bos + list(ids) + eos

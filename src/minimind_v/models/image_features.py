@@ -64,6 +64,8 @@ class ImageFeatures:
         if self.cache is None:
             return self._encode(images).to(device)
         missing = {k: img for k, img in zip(keys, images) if k not in self.cache}
+        if any(img is None for img in missing.values()):
+            raise ValueError("an image was left undecoded as cached, but its features are not in the cache")
         if missing:
             encoded = self._encode(list(missing.values())).to("cpu", torch.float16)
             self.cache.update(zip(missing, encoded))
@@ -72,6 +74,10 @@ class ImageFeatures:
         if device.type == "cuda":  # pinned: the copy does not make the host wait for the GPU
             stacked = stacked.pin_memory()
         return stacked.to(device, non_blocking=True).float()
+
+    def known_keys(self):
+        """The keys whose features are cached (a live view; empty without a cache)."""
+        return self.cache.keys() if self.cache is not None else frozenset()
 
     def _encode(self, images: list[Image.Image | torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """PIL images or pixel values ([3, H, W] each, or stacked) -> [N, T, D], in chunks of batch_size."""

@@ -169,6 +169,9 @@ class Trainer:
                              "has no vision tower: give --vision DIR (a CLIP or SigLIP folder), or --from-weight a "
                              "model that has one")
         self.features = ImageFeatures(tower, args.feature_cache, tower_id(config, tower)) if tower is not None else None
+        if self.features is not None and args.feature_cache is not None:  # cached images are not decoded again
+            known = self.features.known_keys()  # live in this process; loader workers get the keys cached so far
+            self.dataset.cached_keys = known if args.num_workers == 0 else frozenset(known)
         if self.features is not None and args.num_workers > 0 and args.feature_cache is None:  # in the workers
             half = torch.float16 if self.device.type == "cuda" else torch.float32  # half the bytes to ship
             self.dataset.transform = functools.partial(pixel_values, processor=tower.processor, dtype=half)
