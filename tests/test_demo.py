@@ -79,24 +79,28 @@ def test_cli_offers_every_demo_size():
 
 @pytest.mark.slow
 def test_full_demo_sees(tmp_path):
-    """The README's numbers: `python -m pytest -m slow -k full tests/test_demo.py` (about 11 minutes on 2 cores)."""
+    """The README's numbers: `python -m pytest -m slow -k full tests/test_demo.py` (about 11 minutes on 2 cores):
+    the targets - 99% on easy-vqa's test split, 97% on the shifted set, each question type 95% and far above both
+    baselines. (Not every seed gets there: the README says how often.)"""
     from minimind_v.demo import run_demo
 
     sets = run_demo(str(tmp_path / "demo"), "default")["sets"]
-    assert sets["easy-vqa test"]["total"] == 9673 and sets["easy-vqa test"]["accuracy"] >= 0.975
-    assert sets["renders"]["accuracy"] >= 0.96 and sets["shifted"]["accuracy"] >= 0.92
-    assert all(row["margin"] >= 0.4 for row in sets["shifted"]["per_type"].values())
+    assert sets["easy-vqa test"]["total"] == 9673 and sets["easy-vqa test"]["accuracy"] >= 0.99
+    assert sets["renders"]["accuracy"] >= 0.97 and sets["shifted"]["accuracy"] >= 0.97
+    assert all(row["accuracy"] >= 0.95 and row["margin"] >= 0.4 for row in sets["shifted"]["per_type"].values())
 
 
 @pytest.mark.slow
 def test_world_demo(tmp_path):
     """The README's world numbers: `python -m pytest -m slow -k world tests/test_demo.py` (about 23 minutes on 2
-    cores). The skills it learns stay far above both baselines; the ones it does not learn are not checked."""
+    cores, 8 on the GPU machine). The skills it reads from the image stay well above both baselines; the ones it
+    does not learn (relations, reading) are not checked."""
     from minimind_v.demo import run_demo
 
     sets = run_demo(str(tmp_path / "demo"), "world")["sets"]
-    assert sets["easy-vqa test"]["accuracy"] >= 0.99 and sets["shifted"]["accuracy"] >= 0.96
+    assert sets["easy-vqa test"]["accuracy"] >= 0.99 and sets["shifted"]["accuracy"] >= 0.97
     skills = sets["world"]["per_type"]
-    for skill in ("count", "binding", "existence (random)", "existence (popular)"):
-        assert skills[skill]["margin"] >= 0.4, skill
+    assert skills["binding"]["margin"] >= 0.4
+    for skill in ("count", "existence (random)", "existence (popular)", "existence (adversarial)"):
+        assert skills[skill]["margin"] >= 0.3, skill
     assert sets["world captions (object set)"]["accuracy"] >= 0.35

@@ -52,6 +52,8 @@ def test_tiny_sft_run_lowers_the_loss_and_writes_everything(workspace, tmp_path)
     summary = Trainer(args_for(workspace, "sft", out, epochs=10, freeze=0, feature_cache=str(tmp_path / "cache"))).run()
     losses = [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
     assert len(losses) == summary["steps"] == 10 * (48 // 8)
+    rates = [r["lr"] for r in map(json.loads, open(out / "metrics.jsonl")) if "lr" in r]
+    assert max(rates) == pytest.approx(3e-3)  # --lr as scheduled, not the projector's (x5)
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
     assert "1 corrupt image" in summary["skipped"]
     assert {"model", "checkpoints", "run.json", "loss.png", "metrics.jsonl"} <= set(os.listdir(out))

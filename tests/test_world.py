@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from minimind_v.data.easy_shapes import make_split, questions, render_single, render_single_mpl
-from minimind_v.data.render import COLOR_BOXES, COLORS, PURE, Style, sample_color
+from minimind_v.data.render import COLOR_BOXES, COLORS, PURE, Style, enlarge, sample_color, shrink
 from minimind_v.data.world import HELD_OUT, Scene, Thing, caption, caption_objects, sample_scene, write_world
 from minimind_v.data.world_questions import questions as world_questions
 from minimind_v.evaluate import QAItem, baseline_items, caption_scores
@@ -66,6 +66,21 @@ def test_renders_are_seeded_and_within_their_style():
         assert 32 <= min(image.size) <= 512 and max(image.size) <= 2 * min(image.size) + 1
         image, color, shape = render_single_mpl(rng)
         assert image.mode == "RGB" and 32 <= min(image.size)
+
+
+def test_supersampling_antialiases_edges_and_leaves_flat_areas_as_they_were():
+    """A drawing on an enlarged canvas, shrunk back: the background's pixels exactly as before, a diagonal edge's
+    pixels between the two colours (what antialiasing is), the size as it was."""
+    from PIL import ImageDraw
+
+    base = Image.effect_noise((37, 23), 40).convert("RGB")  # any background, odd sizes
+    assert shrink(enlarge(base, 4), 4).tobytes() == base.tobytes()
+    big = enlarge(Image.new("RGB", (32, 32), (255, 255, 255)), 4)
+    ImageDraw.Draw(big).polygon([(0, 0), (128, 0), (0, 128)], fill=(0, 0, 0))
+    small = shrink(big, 4)
+    values = {small.getpixel((x, 31 - x))[0] for x in range(32)}  # along the diagonal: neither colour
+    assert small.size == (32, 32) and all(0 < v < 255 for v in values)
+    assert small.getpixel((2, 2)) == (0, 0, 0) and small.getpixel((29, 29)) == (255, 255, 255)
 
 
 def scene() -> Scene:

@@ -56,7 +56,7 @@ MODEL = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_
              intermediate_size=384, max_position_embeddings=512, image_token_len=16, ve_hidden_size=MULTISCALE_WIDTH,
              projector_type="mlp", vision_tower_kind="efficientnet")
 SIZES = {
-    "default": DemoSize(preset=MODEL),
+    "default": DemoSize(preset=MODEL, sft_epochs=5),
     # easy-vqa and the visual world's skills (counting, relations, binding, existence, reading, captions)
     "world": DemoSize(preset=MODEL, world=8000),
     # CI's reduced chain: every stage and every evaluation (a small world included), in a few minutes
@@ -175,8 +175,8 @@ def train_chain(out: str, size: DemoSize, paths: dict[str, str], echo) -> str:
     with open(paths["text.jsonl"], encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
     tokenizer_dir = os.path.join(out, "tokenizer")
-    train_tokenizer(texts, size.vocab_size, tokenizer_dir)
-    echo(f"[demo] tokenizer ({size.vocab_size} tokens) -> {tokenizer_dir}")
+    tokenizer = train_tokenizer(texts, size.vocab_size, tokenizer_dir)
+    echo(f"[demo] tokenizer ({len(tokenizer)} tokens; at most {size.vocab_size}) -> {tokenizer_dir}")
     # on a GPU, worker processes tokenize while it trains; on a CPU they would only compete with it
     workers = 0 if pick_device().type == "cpu" else min(4, (os.cpu_count() or 2) // 2)
     common = dict(feature_cache=os.path.join(out, "feature_cache"), vision=EFFICIENTNET_MULTISCALE, num_workers=workers)

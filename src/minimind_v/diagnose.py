@@ -54,7 +54,7 @@ def diagnose(model: VisionLanguageModel, inputs: dict[str, torch.Tensor] | None 
         echo(f"vision tower: loaded from {config.vision_tower_path} ({report['vision_tower_parameters']:,} "
              f"parameters, {tower.num_tokens} tokens x {tower.hidden_size} per image, frozen)")
     else:
-        echo("vision tower: NOT loaded (text only; set vision_tower_path to take images)")
+        echo("vision tower: NOT loaded (text only; give --vision DIR to take images)")
     params = list(model.parameters())
     report["total_parameters"] = sum(p.numel() for p in params)
     report["trainable_parameters"] = sum(p.numel() for p in params if p.requires_grad)

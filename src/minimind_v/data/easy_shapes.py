@@ -12,7 +12,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from .render import COLORS, SHAPES, Style, canvas, degrade, draw_shape, encode_png, sample_color
+from .render import COLORS, SHAPES, Style, canvas, degrade, draw_shape, encode_png, enlarge, sample_color, shrink
 
 STORED_SIDE = 224  # training renders are stored at most this large: the demo towers' largest input side
 # easy-vqa's templates: {thing} is "<colour> shape" or a shape name
@@ -34,13 +34,13 @@ def render_single(style: Style, rng: random.Random) -> tuple[Image.Image, str, s
     r = rng.uniform(0.1, 0.42) * short
     cx, cy = rng.uniform(r, image.width - r), rng.uniform(r, image.height - r)
     scale = rng.choice(style.supersample)
-    big = image.resize((image.width * scale, image.height * scale)) if scale > 1 else image
+    big = enlarge(image, scale)
     outline = None
     if style.outline and color_name not in ("black", "gray") and rng.random() < style.outline:
         outline = tuple(round(c * 0.45) for c in color)
     angle = rng.uniform(0, 360) if style.rotate else 0.0
     draw_shape(ImageDraw.Draw(big), shape, (cx, cy, r), color, angle, outline, rng, scale)
-    image = big.resize(image.size, Image.Resampling.LANCZOS) if scale > 1 else big
+    image = shrink(big, scale)
     return degrade(image, style, rng), color_name, shape
 
 

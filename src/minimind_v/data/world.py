@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from .records import qa_conversations, write_parquet
-from .render import COLORS, FONTS, Style, canvas, degrade, draw_shape, draw_text, encode_png, sample_color
+from .render import (COLORS, FONTS, Style, canvas, degrade, draw_shape, draw_text, encode_png, enlarge, sample_color,
+                     shrink)
 
 KINDS = ("circle", "rectangle", "triangle", "star", "heart", "arrow")
 PLURAL = {"circle": "circles", "rectangle": "rectangles", "triangle": "triangles", "star": "stars",
@@ -92,7 +93,7 @@ def render_scene(scene: Scene, style: Style, rng: random.Random) -> Image.Image:
     image = canvas(style, rng)
     side = min(image.size)
     scale = rng.choice(style.supersample)
-    big = image.resize((image.width * scale, image.height * scale)) if scale > 1 else image
+    big = enlarge(image, scale)
     draw = ImageDraw.Draw(big)
     for thing in scene.things:
         box = (thing.x * image.width, thing.y * image.height, thing.r * side)
@@ -103,7 +104,7 @@ def render_scene(scene: Scene, style: Style, rng: random.Random) -> Image.Image:
         draw_text(big, scene.word, (image.width * rng.uniform(0.45, 0.55), image.height * 0.5, height),
                   sample_color(scene.word_color, rng, style.pure_colors), rng.uniform(-8, 8), rng.choice(FONTS),
                   scale)
-    image = big.resize(image.size, Image.Resampling.LANCZOS) if scale > 1 else big
+    image = shrink(big, scale)
     return degrade(image, style, rng)
 
 

@@ -321,8 +321,9 @@ class Trainer:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return {"loss": all_reduce_sum(loss_sum) / max(total, 1.0), "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm, "tokens": tokens}
+        group = self.optimizer.param_groups[0]  # --lr as scheduled (a projector group runs at x projector_lr_mult)
+        return {"loss": all_reduce_sum(loss_sum) / max(total, 1.0), "grad_norm": grad_norm, "tokens": tokens,
+                "lr": self.args.lr * group["lr"] / group["initial_lr"]}
 
     def _forward(self, batch: dict, total_supervised: float, accum: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss to backpropagate (this micro-batch's share of the global token mean) and its plain sum (detached)."""
