@@ -85,6 +85,17 @@ def test_a_filled_feature_cache_spares_decoding_and_changes_no_loss(workspace, t
     assert len(decoded) == 1 and "1 corrupt image" in second["skipped"]  # the corrupt record, once (then remembered)
 
 
+def test_the_logged_loss_is_the_mean_of_its_interval(workspace, tmp_path):
+    def logged(out, every):
+        Trainer(args_for(workspace, "sft", tmp_path / out, freeze=0, max_steps=6, log_every=every,
+                         feature_cache=None)).run()
+        return [r["loss"] for r in map(json.loads, open(tmp_path / out / "metrics.jsonl")) if "loss" in r]
+
+    each, grouped = logged("each", 1), logged("grouped", 3)
+    assert grouped == pytest.approx([sum(each[:3]) / 3, sum(each[3:]) / 3], abs=2e-5)
+    assert grouped[0] != pytest.approx(each[2], abs=1e-3)  # not the interval's last step
+
+
 @pytest.mark.parametrize("stage", ["pretrain-llm", "pretrain-vlm"])
 def test_stage_trains_what_its_freeze_strategy_says(workspace, tmp_path, stage):
     trainer = Trainer(args_for(workspace, stage, tmp_path / stage, max_steps=2))

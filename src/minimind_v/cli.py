@@ -237,12 +237,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     engine = _engine(args, cuda_graphs=not args.no_graphs)
     report = bench(engine, args.prompt_tokens, args.new_tokens, args.batch, args.images, args.runs, args.profile,
                    args.compare_generate)
-    print_report(report, table_rows, REFERENCE_DECODE, args.json)
+    print_report(report, table_rows, REFERENCE_DECODE if args.model is None and not args.set else None, args.json)
     return 0
 
 
-def print_report(report: dict, table_rows, reference: str, as_json: bool) -> None:
-    """The figures as a Markdown table (then the original's figures), or the whole report as JSON."""
+def print_report(report: dict, table_rows, reference: str | None, as_json: bool) -> None:
+    """The figures as a Markdown table (then the original's figures, in the reference setting only), or the whole
+    report as JSON."""
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -250,7 +251,7 @@ def print_report(report: dict, table_rows, reference: str, as_json: bool) -> Non
     width = max(len(name) for name, _ in rows)
     print(f"{title}\n\n| {'figure':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
     print("\n".join(f"| {name:<{width}} | {value} |" for name, value in rows))
-    print(f"\n{reference}")
+    print(f"\n{reference}" if reference else "")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True, model_required: bool = True) -> None:
@@ -329,7 +330,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
                          chunked_loss=args.chunked_loss, feature_cache=args.feature_cache,
                          device=args.device, dtype=args.dtype,
                          overrides=parse_overrides(args.set))
-    print_report(report, table_rows, REFERENCE_TRAIN, args.json)
+    print_report(report, table_rows, REFERENCE_TRAIN if args.data is None and not args.set else None, args.json)
     return 0
 
 

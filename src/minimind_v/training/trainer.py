@@ -218,6 +218,7 @@ class Trainer:
     def run(self) -> dict:
         start = time.time()
         self._since, self._tokens = start, 0  # throughput over each logging interval
+        self._losses = []  # the interval's step losses (tensors: nothing waits for the GPU until it is logged)
         try:
             last = self._run_steps()
         except BaseException:
@@ -281,13 +282,14 @@ class Trainer:
         """Log (the only place a step's results leave the GPU), checkpoint, evaluate; the logged record, if any."""
         args, record = self.args, None
         self._tokens += step["tokens"]
+        self._losses.append(step["loss"])
         if self.step % args.log_every == 0 or self.step == self.total_steps:
-            now = time.time()
-            record = {"loss": round(float(step["loss"]), 5), "lr": step["lr"],
+            now = time.time()  # the loss logged: the mean over the interval's steps
+            record = {"loss": round(float(sum(self._losses)) / len(self._losses), 5), "lr": step["lr"],
                       "grad_norm": round(float(step["grad_norm"]), 4),
                       "tokens_per_s": round(self._tokens * self.world / max(now - self._since, 1e-9))}
             self.log.write({"step": self.step, "epoch": self.epoch, **record})
-            self._since, self._tokens = now, 0
+            self._since, self._tokens, self._losses = now, 0, []
             check_finite_loss(record["loss"], self.step)
         if self.world == 1 or record is not None:  # under torchrun, at logging steps: where all ranks meet
             self.guard.check(self.step, self.stats.summary)
