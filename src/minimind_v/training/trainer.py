@@ -169,7 +169,8 @@ class Trainer:
                              "has no vision tower: give --vision DIR (a CLIP or SigLIP folder), or --from-weight a "
                              "model that has one")
         self.features = ImageFeatures(tower, args.feature_cache, tower_id(config, tower)) if tower is not None else None
-        if self.features is not None and args.feature_cache is not None:  # cached images are not decoded again
+        if self.features is not None and args.feature_cache is not None and self.dataset.image_records():
+            # images whose features are cached are not decoded again
             known = self.features.known_keys()  # live in this process; loader workers get the keys cached so far
             self.dataset.cached_keys = known if args.num_workers == 0 else frozenset(known)
         if self.features is not None and args.num_workers > 0 and args.feature_cache is None:  # in the workers
