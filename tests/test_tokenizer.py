@@ -178,11 +178,28 @@ def test_iter_text_files(tmp_path):
                                                                                        "content": "la"}]]}), listed)
     stats = SkipStats()
     texts = list(iter_text_files([txt, jsonl, parquet, str(listed)], stats))
-    assert texts == ["first line", "second line", "plain text", "q1", "a1", "q2", "pq1", "pa1", "pq2", "lq", "la"]
+    chat = lambda *turns: "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in zip(("user", "assistant"), turns))  # noqa: E731
+    assert texts == ["first line", "second line", "plain text", chat("q1", "a1"), chat("q2"), chat("pq1", "pa1"),
+                     chat("pq2"), chat("lq", "la")]  # a conversation as the chat template writes it
     assert stats.total == 2 + 7 + 3 + 1  # the records read: lines of text and JSON, rows of parquet
     assert stats.counts == {"bad json": 3, "bad record": 2}  # the bad UTF-8 line is bad JSON as training reads it
     assert "skipped 5 of 13 records" in stats.summary()
     assert list(iter_text_files([tmp_path])) == texts  # a folder: its files, sorted
+
+
+def test_a_tokenizer_trained_on_conversations_has_its_role_headers_and_answers_as_tokens(tmp_path):
+    """Conversations are read as the model reads them: "assistant" and an answer at a line's start become single
+    tokens, an image marker becomes the placeholder token (never merged into text)."""
+    data = tmp_path / "chats.jsonl"
+    turns = lambda q, a: [{"role": "user", "content": "<image>\n" + q}, {"role": "assistant", "content": a}]  # noqa: E731
+    data.write_text("\n".join(json.dumps({"conversations": turns(f"is there a {c} shape?", a)})
+                              for c in ("red", "blue", "green") * 20 for a in ("yes", "no")), encoding="utf-8")
+    train_from_files([data], vocab_size=300, out_dir=tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    text = tok.apply_chat_template(turns("is there a red shape?", "yes"), tokenize=False)
+    pieces = tok.convert_ids_to_tokens(tok(text.replace("<image>", "<|image_pad|>"))["input_ids"])
+    assert "assistant" in pieces and "user" in pieces and "yes" in pieces and "<|image_pad|>" in pieces
+    assert not any("image" in p and p != "<|image_pad|>" for p in pieces)
 
 
 def test_iter_text_files_text_column_and_errors(tmp_path):

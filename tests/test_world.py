@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from minimind_v.data.easy_shapes import make_split, questions, render_single, render_single_mpl
+from minimind_v.data.easy_shapes import color_pair, make_split, questions, render_single, render_single_mpl
 from minimind_v.data.render import COLOR_BOXES, COLORS, PURE, Style, enlarge, sample_color, shrink
 from minimind_v.data.world import HELD_OUT, Scene, Thing, caption, caption_objects, sample_scene, write_world
 from minimind_v.data.world_questions import questions as world_questions
@@ -39,6 +39,15 @@ def test_sampled_colours_keep_their_name_and_the_boxes_do_not_overlap():
     assert name_of((0, 128, 0)) == {"green"} and name_of((0, 255, 0)) == {"green"}  # PIL's and easy-vqa's green
 
 
+def yes_no_answer(q: str, color: str, shape: str) -> str:
+    """The truth of one of easy-vqa's yes/no questions about a one-shape image, read off the question's words."""
+    thing = (q.split(" a ", 1)[1] if " a " in q else q.removeprefix("is no ")).split("?")[0]
+    thing = thing.replace(" in the image", "").replace(" present", "")
+    present = thing in (shape, f"{color} shape")
+    negated = " not " in q or q.startswith("is no ")
+    return "yes" if present != negated else "no"
+
+
 def test_easy_vqa_questions_on_drawn_shapes_are_right():
     rng = random.Random(1)
     for _ in range(50):
@@ -49,11 +58,12 @@ def test_easy_vqa_questions_on_drawn_shapes_are_right():
             elif kind == "shape":
                 assert a == shape
             else:
-                thing = (q.split(" a ", 1)[1] if " a " in q else q.removeprefix("is no ")).split("?")[0]
-                thing = thing.replace(" in the image", "").replace(" present", "")
-                present = thing in (shape, f"{color} shape")
-                negated = " not " in q or q.startswith("is no ")
-                assert a == ("yes" if present != negated else "no"), (q, a, color, shape)
+                assert a == yes_no_answer(q, color, shape), (q, a, color, shape)
+        (q1, a1), (q2, a2) = color_pair(color, rng)  # the same template, the shape's colour and another one
+        other = next(c for c in COLORS if f"{c} shape" in q2)
+        assert {a1, a2} == {"yes", "no"} and q1.replace(color, "X") == q2.replace(other, "X") and other != color
+        assert a1 == yes_no_answer(q1, color, shape) and a2 == yes_no_answer(q2, color, shape), (q1, q2, color)
+        assert f"{color} shape" in q1 and f"{color} shape" not in q2
 
 
 def test_renders_are_seeded_and_within_their_style():

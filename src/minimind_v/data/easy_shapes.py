@@ -85,16 +85,28 @@ def describe(answers: list[str]) -> str:
     return f"a {color + ' ' if color else ''}{shape}."
 
 
+def color_pair(color: str, rng: random.Random) -> list[tuple[str, str]]:
+    """One yes/no template asked of the shape's colour and of another colour: answers that only comparing the
+    question's colour with the image's can tell apart."""
+    template = rng.choice(IS_THERE + IS_NOT)
+    other = rng.choice([c for c in COLORS if c != color])
+    truth = "yes" if template in IS_THERE else "no"
+    return [(template.format(thing=f"{color} shape"), truth),
+            (template.format(thing=f"{other} shape"), "no" if truth == "yes" else "yes")]
+
+
 def rendered_rows(images: int, seed: int) -> list[tuple[str, str, bytes]]:
-    """(question, answer, PNG bytes) of `images` training renders (`Style.train()`), 6 questions each; the first two
-    name the colour and the shape (what the image's description is made of)."""
+    """(question, answer, PNG bytes) of `images` training renders (`Style.train()`), 6 questions each: the first two
+    name the colour and the shape (what the image's description is made of), then a `color_pair`, then two of
+    `questions`."""
     rng, rows = random.Random(seed), []
     for _ in range(images):
         image, color, shape = render_single(Style.train(), rng)
         image.thumbnail((STORED_SIDE, STORED_SIDE), Image.Resampling.LANCZOS)
         data = encode_png(image)
         rows += [(f"what color is the {shape}?", color, data), ("what shape is in the image?", shape, data)]
-        rows += [(q, a, data) for q, a, _ in questions(color, shape, rng, 4)]
+        rows += [(q, a, data) for q, a in color_pair(color, rng)]
+        rows += [(q, a, data) for q, a, _ in questions(color, shape, rng, 2)]
     return rows
 
 

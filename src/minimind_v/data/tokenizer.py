@@ -36,6 +36,7 @@ import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from ..config import IMAGE_MARKER
 from .records import SUPPORTED_EXTENSIONS, iter_records
 from .skips import NOT_UTF8, SkipStats
 
@@ -57,6 +58,15 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+
+def chatml_text(turns: list[dict]) -> str:
+    """A conversation as the model reads it (`CHAT_TEMPLATE`), each image marker as the placeholder token: what a
+    tokenizer should learn from, so the role headers and answers at a line's start become tokens of their own."""
+    return "".join(f"{BOS_TOKEN}{t['role']}\n{str(t['content']).replace(IMAGE_MARKER, IMAGE_PAD_TOKEN)}{EOS_TOKEN}\n"
+                   for t in turns)
+
 
 TEXT_SUFFIXES = (".txt", *SUPPORTED_EXTENSIONS)
 DEFAULT_VOCAB_SIZE = 2048
@@ -145,7 +155,7 @@ def train_from_files(files: str | os.PathLike | Iterable[str | os.PathLike], voc
 def iter_text_files(paths: Iterable[str | os.PathLike], stats: SkipStats | None = None) -> Iterator[str]:
     """Texts for tokenizer training, in file order. A folder stands for its .txt/.json/.jsonl/.parquet files
     (recursively, sorted). `.txt`: one text per non-blank line; the others are read as training data is
-    (records.py): a record's `text`, or each turn's content of its conversation. Unreadable lines and records are
+    (records.py): a record's `text`, or its conversation as `chatml_text` writes it. Unreadable lines and records are
     skipped and counted in `stats` (`stats.total` counts the records read); a missing file, an unknown suffix or an
     unreadable parquet file raises."""
     stats = stats if stats is not None else SkipStats()
@@ -154,8 +164,9 @@ def iter_text_files(paths: Iterable[str | os.PathLike], stats: SkipStats | None 
             yield from _txt_texts(path, stats)
             continue
         for record in iter_records(path, stats=stats, text_only=True):
-            texts = [record["text"]] if "text" in record else [turn["content"] for turn in record["conversations"]]
-            yield from (text for text in texts if text)
+            text = record["text"] if "text" in record else chatml_text(record["conversations"])
+            if text:
+                yield text
 
 
 def _expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -276,7 +287,7 @@ def default_corpus() -> list[str]:
         raise ImportError("building the default tokenizer needs easy-vqa: pip install easy-vqa==1.0") from e
     texts: list[str] = []
     for questions, answers, _ in (easy_vqa.get_train_questions(), easy_vqa.get_test_questions()):
-        texts.extend(f"{BOS_TOKEN}user\n{q}{EOS_TOKEN}\n{BOS_TOKEN}assistant\n{a}{EOS_TOKEN}\n"
+        texts.extend(chatml_text([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
                      for q, a in zip(questions, answers))
     stdlib = sysconfig.get_paths()["stdlib"]
     for module in DEFAULT_STDLIB_MODULES:
