@@ -1,0 +1,123 @@
+"""`minimind-v` commands over the generation engine: chat, serve, web (and the engine `bench decode` times)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..config import parse_overrides
+
+
+def engine_for(args: argparse.Namespace, cuda_graphs: bool = True):
+    from ..build import describe, load_for_inference
+    from ..generation import Engine
+
+    if args.model is None:  # bench decode without a model: the reference setting
+        from ..bench.reference import reference_for_inference
+
+        model, tokenizer = reference_for_inference(args.images > 0, args.device, args.dtype,
+                                                   **parse_overrides(args.set))
+    else:
+        model, tokenizer = load_for_inference(args.model, args.tokenizer, args.vision, args.device, args.dtype,
+                                              **parse_overrides(args.set))
+    print(f"[minimind-v] {args.model or 'reference model'}: {describe(model)}", file=sys.stderr)
+    return Engine(model, tokenizer, cuda_graphs=cuda_graphs, compile=args.compile)
+
+
+def _sampling(args: argparse.Namespace):
+    from ..generation import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
+                          seed=args.seed)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ..serving.chat import ChatSession, run_chat
+
+    params = _sampling(args)  # bad settings fail before the model loads
+    session = ChatSession(engine_for(args), params, system=args.system)
+    return run_chat(session, prompt=args.prompt, images=args.image, stats=args.stats)
+
+
+def _require(extra: str, *modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"this command needs {', '.join(missing)}: pip install 'minimind-v[{extra}]'")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _require("serve", "fastapi", "uvicorn")
+    import uvicorn
+
+    from ..serving.openai_api import ServerSettings, create_app
+    from ..serving.options import configure_access_log, settings_fields
+
+    settings = ServerSettings(**settings_fields(args, os.environ))
+    configure_access_log(args)
+    app = create_app(engine_for(args), settings)
+    print(f"[minimind-v] serving {settings.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:  # SIGTERM/SIGINT: stop accepting, let requests finish for --drain-timeout s, cancel the rest, exit
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=args.drain_timeout)
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it handled again, once it has shut down
+        pass
+    return 0
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    _require("web", "gradio")
+    from ..serving.web import build_app
+
+    build_app(engine_for(args)).launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True, model_required: bool = True) -> None:
+    if model_required:
+        parser.add_argument("model", help="a model folder of this project, or an original .pth")
+    else:
+        parser.add_argument("model", nargs="?", help="a model folder of this project, or an original .pth "
+                                                     "(default: the reference 768 x 8 model with random weights)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (required for an original .pth)")
+    parser.add_argument("--vision", help="vision tower folder (an original .pth; or to replace a folder's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config fields an original .pth cannot tell (as for convert)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the fixed-shape decode step: on a GPU before capturing it as a CUDA "
+                             "graph; on a CPU with the weights frozen in (about 2.5x the tokens/s at batch 1). "
+                             "Compiling takes ~15 s on a CPU, once per batch size and length bucket")
+    if sampling:
+        parser.add_argument("--max-new-tokens", type=int, default=256)
+        parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+        parser.add_argument("--top-k", type=int, default=0)
+        parser.add_argument("--top-p", type=float, default=1.0)
+        parser.add_argument("--repetition-penalty", type=float, default=1.0)
+        parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+        parser.add_argument("--seed", type=int)
+
+
+def add_serving_parsers(sub) -> None:
+    chat = sub.add_parser("chat", help="chat with a model in the terminal (streaming, images, history)")
+    add_model_arguments(chat)
+    chat.add_argument("--image", action="append", default=[], help="attach an image to the first message")
+    chat.add_argument("--prompt", help="one message, answered, then exit (for scripts)")
+    chat.add_argument("--system", help="a system message")
+    chat.add_argument("--stats", action="store_true", help="print prefill time and decode tokens/s after answers")
+    chat.set_defaults(func=cmd_chat)
+    from ..serving.options import add_serve_arguments
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible API server (/v1/chat/completions)")
+    add_model_arguments(serve, sampling=False)
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+    web = sub.add_parser("web", help="a Gradio web demo: upload images, chat with streaming, sampling settings")
+    add_model_arguments(web, sampling=False)
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=7860)
+    web.set_defaults(func=cmd_web)
