@@ -68,3 +68,53 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"minimind-v {__version__}"
+
+
+def walk_options(parser, path=()):
+    """(command path, option) of every option of every (sub)command, -h aside."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from walk_options(child, (*path, name))
+        elif not isinstance(action, argparse._HelpAction):
+            yield " ".join(path), action
+
+
+def test_every_option_of_every_command_has_help_and_shows_its_default():
+    from minimind_v.cli import build_parser
+
+    options = list(walk_options(build_parser()))
+    assert len(options) > 150 and {"train", "eval", "chat", "serve", "bench train", "bench serve"} <= {
+        path for path, _ in options}
+    assert [(path, a.option_strings or a.dest) for path, a in options if not a.help] == []
+    train = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "peak learning rate" in train and "(default: 0.0005)" in train and "0 the whole language model" in train
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]._subparsers._group_actions[0]
+    assert "peak" not in bench.choices["train"].format_help()  # only the training options bench train takes
+    assert "(default: 768)" in bench.choices["train"].format_help()  # and its own defaults
+
+
+def test_help_builds_without_importing_torch():
+    import sys
+
+    code = ("import sys; from minimind_v.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+    help_text = subprocess.run([sys.executable, "-m", "minimind_v.cli", "train", "--help"], capture_output=True,
+                               text=True, timeout=120)
+    assert help_text.returncode == 0 and "--projector-lr-mult" in help_text.stdout
+
+
+def test_the_model_is_named_either_way_and_once(tmp_path, capsys):
+    torch.manual_seed(0)
+    MiniMindVLM(tiny_config()).save_pretrained(tmp_path / "m")
+    assert main(["diagnose", str(tmp_path / "m"), "--device", "cpu"]) == 0
+    assert main(["diagnose", "--model", str(tmp_path / "m"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "m"), "--model", str(tmp_path / "other"), "--data", "x.jsonl"]) == 2
+    assert "two models given" in capsys.readouterr().err
+    assert main(["eval", "--data", "x.jsonl"]) == 2
+    assert "a model is needed: minimind-v eval MODEL (or --model MODEL)" in capsys.readouterr().err

@@ -78,3 +78,40 @@ def test_a_file_with_nothing_usable_is_an_error(model_dir, tmp_path, capsys, con
     assert len(err) == 1 and str(path) in err[0] and "no usable question/answer item" in err[0]
     assert main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "nothing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_reads_what_training_reads_and_writes_every_answer(model_dir, tmp_path, capsys):
+    """A MiniMind-V parquet (image bytes) and a LLaVA JSON (paths relative to the data file) give the same items as
+    the question/answer JSONL; --output holds one line per answered question; stderr shows wrong answers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from minimind_v.evaluate import load_eval_items
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    (data / "img" / "red.png").write_bytes(png())
+    turns = [{"role": "user", "content": "<image>\nwhat color?"}, {"role": "assistant", "content": "red"},
+             {"role": "user", "content": "and now?"}, {"role": "assistant", "content": "blue"}]
+    pq.write_table(pa.table({"conversations": [json.dumps(turns)] * 2, "image_bytes": [png()] * 2}),
+                   data / "qa.parquet")
+    llava = [{"image": "img/red.png", "conversations": [{"from": "human", "value": "what color?"},
+                                                         {"from": "gpt", "value": "red"}]},
+             {"image": "img/missing.png", "conversations": [{"from": "human", "value": "what color?"},
+                                                            {"from": "gpt", "value": "red"}]}]
+    (data / "qa.json").write_text(json.dumps(llava))
+    (data / "qa.jsonl").write_text(json.dumps({"question": "what color?", "answer": "red", "image": "img/red.png"}))
+    jsonl = load_eval_items(str(data / "qa.jsonl"))
+    for name, count in (("qa.parquet", 2), ("qa.json", 1)):
+        stats = SkipStats()
+        items = load_eval_items(str(data / name), stats=stats)
+        assert len(items) == count and {(i.question, i.answer) for i in items} == {("<image>\nwhat color?", "red")}
+        assert items[0].image_keys == jsonl[0].image_keys  # the same image, found relative to the data file
+    assert stats.counts == {"missing image file": 1}
+    out = tmp_path / "answers.jsonl"
+    assert main(["eval", str(model_dir), "--data", str(data / "qa.parquet"), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(answers) == 2 and set(answers[0]) == {"question", "answer", "prediction", "correct"}
+    assert answers[0]["answer"] == "red" and answers[0]["correct"] is False  # a random model
+    assert "wrong answers, for example:" in err and f"every answer: {out}" in err and "answers: 100%" in err

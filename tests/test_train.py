@@ -219,3 +219,44 @@ def test_loader_workers_preprocess_images_to_the_same_weights(workspace, tmp_pat
     assert runs[0][1] == runs[2][1]
     for key in runs[0][0]:
         torch.testing.assert_close(runs[2][0][key], runs[0][0][key], atol=1e-6, rtol=1e-5)
+
+
+def test_train_reads_a_config_file_and_the_command_line_wins(workspace, tmp_path, capsys):
+    """--config (JSON or YAML, a run's run.json as is) gives the defaults; flags on the command line win; an unknown
+    key is an error naming the closest one."""
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    config = {"stage": "pretrain-llm", "data": workspace["text"], "tokenizer": workspace["tokenizer"],
+              "batch-size": 8, "max_steps": 3, "max_seq_len": 32, "overrides": tiny, "lr": "1e-3"}
+    (tmp_path / "run.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()))
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out-dir", str(tmp_path / "a"),
+                 "--max-steps", "2"]) == 0
+    settings = json.load(open(tmp_path / "a" / "run.json"))
+    assert settings["max_steps"] == 2 and settings["batch_size"] == 8 and settings["lr"] == 1e-3
+    assert settings["overrides"] == tiny and settings["stage"] == "pretrain-llm"
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path / "a" / "run.json"), "--out-dir", str(tmp_path / "b")]) == 0
+    again = json.load(open(tmp_path / "b" / "run.json"))
+    assert {k: v for k, v in again.items() if k != "out_dir"} == {k: v for k, v in settings.items() if k != "out_dir"}
+    (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1e-3}))
+    capsys.readouterr()
+    assert main(["train", "sft", "--config", str(tmp_path / "bad.json")]) == 2
+    assert "unknown training argument 'learning_rate'" in capsys.readouterr().err
+    assert main(["train", "sft", "--data", workspace["sft"]]) == 2
+    assert "train needs out-dir (on the command line or in --config)" in capsys.readouterr().err
+
+
+def test_a_config_file_value_of_the_wrong_type_is_a_clear_error(tmp_path, capsys):
+    from minimind_v.training.args import read_config_file
+
+    (tmp_path / "c.json").write_text(json.dumps({"epochs": [2], "data": "d", "out-dir": "o"}))
+    with pytest.raises(ValueError, match=r"epochs must be int, got \[2\]"):
+        read_config_file(str(tmp_path / "c.json"))
+    (tmp_path / "c.json").write_text(json.dumps({"packing": 1}))
+    with pytest.raises(ValueError, match="packing must be bool"):
+        read_config_file(str(tmp_path / "c.json"))
+    (tmp_path / "c.json").write_text(json.dumps({"lr": 1, "lora_rank": None, "max_steps": "5", "overrides": {}}))
+    assert read_config_file(str(tmp_path / "c.json")) == {"lr": 1, "lora_rank": None, "max_steps": "5",
+                                                          "overrides": {}}
+    (tmp_path / "c.yaml").write_text("- a list\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "must hold a mapping of training arguments, not list" in capsys.readouterr().err

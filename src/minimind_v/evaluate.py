@@ -43,6 +43,54 @@ class QAItem:
     qtype: str | None = None
 
 
+def load_eval_items(path: str, image_root: str | None = None, stats: SkipStats | None = None,
+                    limits: ImageLimits = DEFAULT_LIMITS) -> list[QAItem]:
+    """The items of an evaluation file: a question/answer JSONL (`load_qa_jsonl`), or any file training reads
+    (MiniMind-V parquet, LLaVA JSON/JSONL: `data/records.py`), each conversation's first question and the answer to
+    it, image paths resolved the same way (against `image_root`, by default the data file's folder)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"evaluation data {path!r} does not exist")
+    if path.lower().endswith(".jsonl") and _first_record_has(path, "question"):
+        return load_qa_jsonl(path, image_root, stats, limits)
+    from .data.records import iter_records
+
+    stats = stats if stats is not None else SkipStats()
+    items = []
+    for number, record in enumerate(iter_records(path, image_root, stats), 1):
+        try:
+            items.append(_conversation_item(record, limits))
+        except SkipRecord as skip:
+            stats.add(skip.reason, f"{path} record {number}: {skip.detail}")
+    if not items:
+        raise ValueError(f"{path} holds no usable question/answer item ({stats.summary()})")
+    return items
+
+
+def _first_record_has(path: str, key: str) -> bool:
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    return True  # the question/answer reader counts it as bad JSON
+                return isinstance(record, dict) and key in record
+    return True
+
+
+def _conversation_item(record: dict, limits: ImageLimits) -> QAItem:
+    """A training record -> its first user turn as the question, the assistant turn after it as the answer."""
+    turns = record.get("conversations") or []
+    users = [n for n, t in enumerate(turns) if t["role"] == "user"]
+    if not users or users[0] + 1 >= len(turns) or turns[users[0] + 1]["role"] != "assistant":
+        raise SkipRecord(BAD_RECORD, "no user turn answered by an assistant turn")
+    question, answer, images = turns[users[0]]["content"], turns[users[0] + 1]["content"], record.get("images") or []
+    if images and IMAGE_MARKER not in question:
+        question = IMAGE_MARKER * len(images) + "\n" + question
+    loaded = [load_image(image, limits) for image in images]
+    return QAItem(question, answer, [image for image, _ in loaded], [key for _, key in loaded])
+
+
 def load_qa_jsonl(path: str, image_root: str | None = None, stats: SkipStats | None = None,
                   limits: ImageLimits = DEFAULT_LIMITS) -> list[QAItem]:
     """The items of a question/answer JSONL. A bad line is skipped and counted in `stats` with its file and line
@@ -91,15 +139,18 @@ def _qa_item(line: bytes, image_root: str | None, limits: ImageLimits) -> QAItem
 
 
 def generate_answers(model, tokenizer, items: list[QAItem], features: ImageFeatures | None = None,
-                     batch_size: int = 64, max_new_tokens: int = 16,
-                     stats: SkipStats | None = None) -> list[str | None]:
+                     batch_size: int = 64, max_new_tokens: int = 16, stats: SkipStats | None = None,
+                     progress: str | None = None) -> list[str | None]:
     """Greedy answers, `batch_size` questions at a time, through the generation engine (left padding, KV cache);
     image features come from `features` (a feature cache) when given. A question the model cannot take (over its
-    context, images that do not match its `<image>` markers) gets None and is counted in `stats`."""
+    context, images that do not match its `<image>` markers) gets None and is counted in `stats`. `progress`: a
+    progress bar with this title (on stderr)."""
+    from tqdm import tqdm
+
     from .generation import Engine, GenerationRequest, SamplingParams
 
     engine, params, answers = Engine(model, tokenizer, features), SamplingParams(max_new_tokens=max_new_tokens), []
-    for start in range(0, len(items), batch_size):
+    for start in tqdm(range(0, len(items), batch_size), desc=progress, unit="batch", disable=progress is None):
         requests = [GenerationRequest(messages=[{"role": "user", "content": item.question}], images=item.images,
                                       params=params, image_keys=item.image_keys or [pixel_key(i) for i in item.images])
                     for item in items[start:start + batch_size]]
@@ -141,21 +192,34 @@ def score(items: list[QAItem], predictions: list[str | None]) -> dict:
 
 
 def evaluate(model, tokenizer, items: list[QAItem], features: ImageFeatures | None = None, batch_size: int = 64,
-             max_new_tokens: int = 16, stats: SkipStats | None = None) -> dict:
+             max_new_tokens: int = 16, stats: SkipStats | None = None, progress: str | None = None,
+             keep_predictions: bool = False) -> dict:
     """Score the items; `stats` (the loading's skips, if any) gains the questions the model could not take and
-    its summary goes into the report."""
+    its summary goes into the report. "examples": five answers, the wrong ones first; `keep_predictions`: every
+    item's answer too ("predictions", None where it was skipped)."""
     was_training = model.training
     model.eval()
     stats = stats if stats is not None else SkipStats()
     try:
-        predictions = generate_answers(model, tokenizer, items, features, batch_size, max_new_tokens, stats)
+        predictions = generate_answers(model, tokenizer, items, features, batch_size, max_new_tokens, stats,
+                                       progress)
     finally:
         model.train(was_training)
     if all(p is None for p in predictions):
         raise ValueError(f"no question could be asked: {stats.summary()}")
-    return {**score(items, predictions), "skipped": stats.summary(), "examples": [
-        {"question": re.sub(r"(<image>)+", "<image>", i.question), "answer": i.answer, "prediction": p}
-        for i, p in list(zip(items, predictions))[:5] if p is not None]}
+    answered = [prediction_record(i, p) for i, p in zip(items, predictions) if p is not None]
+    report = {**score(items, predictions), "skipped": stats.summary(),
+              "examples": sorted(answered, key=lambda r: r["correct"])[:5]}
+    if keep_predictions:
+        report["predictions"] = [None if p is None else prediction_record(i, p) for i, p in zip(items, predictions)]
+    return report
+
+
+def prediction_record(item: QAItem, prediction: str) -> dict:
+    """One answer as the report and `eval --output` show it."""
+    return {"question": re.sub(r"(<image>)+", "<image>", item.question), "answer": item.answer,
+            "prediction": prediction, "correct": normalize_answer(prediction) == normalize_answer(item.answer),
+            **({"type": item.qtype} if item.qtype else {})}
 
 
 def baseline_items(items: list[QAItem], kind: str, seed: int = 0) -> list[QAItem]:
@@ -177,14 +241,17 @@ def baseline_items(items: list[QAItem], kind: str, seed: int = 0) -> list[QAItem
 
 
 def evaluate_with_baselines(model, tokenizer, items: list[QAItem], features: ImageFeatures | None = None,
-                            batch_size: int = 64, max_new_tokens: int = 16, stats: SkipStats | None = None) -> dict:
+                            batch_size: int = 64, max_new_tokens: int = 16, stats: SkipStats | None = None,
+                            progress: bool = False, keep_predictions: bool = False) -> dict:
     """`evaluate`, then the same questions blind and shuffled: per question type, the accuracy, both baselines and
     the margin over the better of them (a skill the model learned from the image has a wide margin). Without
     `features`, the tower runs once per distinct image (features kept in memory)."""
     features = features if features is not None else ImageFeatures(model.vision_tower, in_memory=True)
-    report = evaluate(model, tokenizer, items, features, batch_size, max_new_tokens, stats)
+    report = evaluate(model, tokenizer, items, features, batch_size, max_new_tokens, stats,
+                      "model" if progress else None, keep_predictions)
     report["baselines"] = {kind: {k: v for k, v in evaluate(model, tokenizer, baseline_items(items, kind), features,
-                                                             batch_size, max_new_tokens).items()
+                                                             batch_size, max_new_tokens,
+                                                             progress=kind if progress else None).items()
                                   if k in ("accuracy", "per_type")} for kind in ("blind", "shuffled")}
     blind, shuffled = report["baselines"]["blind"], report["baselines"]["shuffled"]
     for qtype, row in report.get("per_type", {}).items():

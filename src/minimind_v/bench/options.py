@@ -1,17 +1,19 @@
 """The command-line options of `minimind-v bench decode` and `bench train` (standard library only, so the CLI builds
-its parser without importing torch)."""
+its parser without importing torch); `bench train`'s training options are `train`'s own (training/args.py)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..training.args import add_train_arguments
+
 
 def add_decode_bench_arguments(decode: argparse.ArgumentParser) -> None:
-    decode.add_argument("--prompt-tokens", type=int, default=100)
-    decode.add_argument("--new-tokens", type=int, default=256)
-    decode.add_argument("--batch", type=int, default=8)
+    decode.add_argument("--prompt-tokens", type=int, default=100, help="text tokens of each prompt")
+    decode.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt")
+    decode.add_argument("--batch", type=int, default=8, help="prompts decoded together (batch 1 is always timed too)")
     decode.add_argument("--images", type=int, default=1, help="images per prompt (0 for text only)")
-    decode.add_argument("--runs", type=int, default=3)
+    decode.add_argument("--runs", type=int, default=3, help="timed runs (the median is reported) after one warm-up")
     decode.add_argument("--no-graphs", action="store_true", help="decode step by step, without CUDA graphs")
     decode.add_argument("--profile", metavar="TRACE.json", help="also write a torch profiler Chrome trace")
     decode.add_argument("--compare-generate", action="store_true",
@@ -23,20 +25,12 @@ def add_train_bench_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--work-dir", default="minimind-v-bench", help="tower, data and run folder")
     train.add_argument("--data", help="a parquet to train on instead of generating the reference data")
     train.add_argument("--generator", help="make_vlm_parquet.py (default: $MINIMIND_V_BENCH_GENERATOR)")
-    train.add_argument("--rows", type=int, default=2400)
+    train.add_argument("--rows", type=int, default=2400, help="rows of the generated data")
     train.add_argument("--tokenizer", help="the original tokenizer folder (default: $MINIMIND_V_BENCH_TOKENIZER, "
                                            "else the shipped one)")
     train.add_argument("--steps", type=int, default=40, help="timed optimizer steps")
     train.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--max-seq-len", type=int, default=768)
-    train.add_argument("--freeze", type=int, default=0, help="0: the whole LLM trains (the reference's setting)")
-    train.add_argument("--num-workers", type=int, default=0)
-    train.add_argument("--compile", action="store_true")
-    train.add_argument("--packing", action="store_true", help="packed samples: no compute on padding")
-    train.add_argument("--chunked-loss", action="store_true", help="loss in chunks from the hidden states")
-    train.add_argument("--feature-cache", metavar="DIR", help="keep the tower's features (computed once per image)")
-    train.add_argument("--device", default="auto")
-    train.add_argument("--dtype", default="auto")
+    add_train_arguments(train, ["batch_size", "max_seq_len", "freeze", "num_workers", "compile", "packing",
+                                "chunked_loss", "feature_cache", "device", "dtype"], max_seq_len=768, freeze=0)
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config fields")
     train.add_argument("--json", action="store_true", help="print the whole report (each step's loss too) as JSON")

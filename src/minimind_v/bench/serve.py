@@ -27,6 +27,8 @@ import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..cli.options import add_model_argument
+
 MiB = 2**20
 
 
@@ -290,12 +292,13 @@ def add_load_parser(bench) -> None:
     """`minimind-v bench serve` and its options, on the `bench` subparsers."""
     parser = bench.add_parser("serve", help="concurrent clients against `minimind-v serve`: requests by status, "
                                             "tokens/s, latency, /health latency, server RSS")
-    parser.add_argument("model", nargs="?", help="a model folder to serve on a free loopback port (or --url)")
+    add_model_argument(parser, "a model folder to serve on a free loopback port (or --url)", required=False)
     parser.add_argument("--url", help="a running server instead (its RSS only with --pid)")
     parser.add_argument("--pid", type=int, help="the running server's process id, for its RSS")
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=64,
+                        help="concurrent clients, each sending one request after another")
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long the load lasts")
+    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request")
     parser.add_argument("--stream", action="store_true", help="streamed answers (also measures the first token)")
     parser.add_argument("--prompt", default=Load.prompt, help="the user message's text")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -303,7 +306,7 @@ def add_load_parser(bench) -> None:
                         help="ask for answers of exactly --max-tokens tokens (the server's ignore_eos extension)")
     parser.add_argument("--image", action="append", default=[], metavar="PNG",
                         help="an image file sent as a data URL (repeatable: requests cycle through them)")
-    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument("--images-per-request", type=int, default=1, help="images attached to each request")
     parser.add_argument("--model-name", default="bench", help="the id the server is started with and asked for")
     parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY' (or MINIMIND_V_API_KEY)")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",

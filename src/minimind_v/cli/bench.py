@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import parse_overrides
 from .serving import add_model_arguments, engine_for
 
 
@@ -54,6 +53,7 @@ def add_bench_parsers(sub) -> None:
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from ..bench.reference import REFERENCE_TRAIN
     from ..bench.train import bench_train, table_rows
+    from ..config import parse_overrides
 
     report = bench_train(args.work_dir, args.data, args.rows, args.steps, args.warmup, args.generator, args.tokenizer,
                          batch_size=args.batch_size, max_seq_len=args.max_seq_len, freeze=args.freeze,

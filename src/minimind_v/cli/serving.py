@@ -6,11 +6,12 @@ import argparse
 import os
 import sys
 
-from ..config import parse_overrides
+from .options import add_model_argument
 
 
 def engine_for(args: argparse.Namespace, cuda_graphs: bool = True):
     from ..build import describe, load_for_inference
+    from ..config import parse_overrides
     from ..generation import Engine
 
     if args.model is None:  # bench decode without a model: the reference setting
@@ -77,11 +78,8 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True, model_required: bool = True) -> None:
-    if model_required:
-        parser.add_argument("model", help="a model folder of this project, or an original .pth")
-    else:
-        parser.add_argument("model", nargs="?", help="a model folder of this project, or an original .pth "
-                                                     "(default: the reference 768 x 8 model with random weights)")
+    add_model_argument(parser, "a model folder of this project, or an original .pth" + (
+        "" if model_required else " (default: the reference 768 x 8 model with random weights)"), model_required)
     parser.add_argument("--tokenizer", help="tokenizer folder (required for an original .pth)")
     parser.add_argument("--vision", help="vision tower folder (an original .pth; or to replace a folder's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -93,13 +91,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True, 
                              "graph; on a CPU with the weights frozen in (about 2.5x the tokens/s at batch 1). "
                              "Compiling takes ~15 s on a CPU, once per batch size and length bucket")
     if sampling:
-        parser.add_argument("--max-new-tokens", type=int, default=256)
+        parser.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens")
         parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-        parser.add_argument("--top-k", type=int, default=0)
-        parser.add_argument("--top-p", type=float, default=1.0)
-        parser.add_argument("--repetition-penalty", type=float, default=1.0)
+        parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+        parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose "
+                                                                       "probabilities add up to p (1: all)")
+        parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                            help="divide the scores of tokens already in the text by this (1: none)")
         parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-        parser.add_argument("--seed", type=int)
+        parser.add_argument("--seed", type=int, help="seed of the sampling (temperature > 0): the same answer again")
 
 
 def add_serving_parsers(sub) -> None:
@@ -118,6 +118,6 @@ def add_serving_parsers(sub) -> None:
     serve.set_defaults(func=cmd_serve)
     web = sub.add_parser("web", help="a Gradio web demo: upload images, chat with streaming, sampling settings")
     add_model_arguments(web, sampling=False)
-    web.add_argument("--host", default="127.0.0.1")
-    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    web.add_argument("--port", type=int, default=7860, help="port to listen on")
     web.set_defaults(func=cmd_web)

@@ -4,12 +4,15 @@
     vlm: MiniMindVLM on MiniMind; backbone: HFBackboneVLM on any Hugging Face causal LM; lora: adapters on either
     image_features: the tower's features, cached; safe_loading: checks on checkpoints; compat: the seeds' names
 
-`build_vlm(config)` and `load_vlm(folder)` pick the VLM class a config asks for.
+`build_vlm(config)` and `load_vlm(folder)` pick the VLM class a config asks for. Importing this package registers
+the model type with transformers' AutoConfig and AutoModelForCausalLM.
 """
 
 from __future__ import annotations
 
 import os
+
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..config import MiniMindVConfig
 from .backbone import HFBackboneVLM
@@ -20,6 +23,9 @@ from .safe_loading import read_config
 from .vision_tower import VisionTower, image2tensor, load_vision_tower, to_rgb
 from .vlm import MiniMindVLM
 from .vlm_base import FROM_CONFIG, VisionLanguageModel, merge_image_features
+
+AutoConfig.register(MiniMindVConfig.model_type, MiniMindVConfig, exist_ok=True)
+AutoModelForCausalLM.register(MiniMindVConfig, MiniMindVLM, exist_ok=True)
 
 __all__ = ["MiniMindForCausalLM", "MiniMindModel", "MiniMindOutput", "LinearProjector", "MLPProjector",
            "VisionEncoder", "build_projector", "VisionTower", "image2tensor", "load_vision_tower", "to_rgb",

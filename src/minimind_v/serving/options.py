@@ -9,14 +9,14 @@ from collections.abc import Mapping
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--model-name", help="the id clients ask for (default: the folder's name)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MINIMIND_V_API_KEY)")
     parser.add_argument("--allow-local-images", metavar="DIR", help="accept image paths under DIR")
     parser.add_argument("--fetch-remote-images", action="store_true", help="download http(s) image URLs")
-    parser.add_argument("--max-images", type=int, default=4)
-    parser.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
+    parser.add_argument("--max-images", type=int, default=4, help="images one request may carry")
+    parser.add_argument("--max-image-bytes", type=int, default=10 * 2**20, help="largest encoded image")
     parser.add_argument("--max-body-bytes", type=int,
                         help="largest request body (default: room for --max-images base64 images, + 1 MiB)")
     parser.add_argument("--max-batch", type=int, default=64,

@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +34,7 @@ from ..models.image_features import ImageFeatures, tower_id
 from ..models.vision_tower import image2tensor
 from ..build import training_model
 from ..models.vlm_base import VisionLanguageModel
+from .args import STAGES, TrainArgs
 from .checkpointing import RunPosition, TrainState, check_settings, load_resume_state, open_run_folder, save_checkpoint
 from .guards import SkipGuard, StopRequest, TrainingInterrupted, check_finite_loss
 from .loss import chunked_summed_loss, summed_loss
@@ -48,55 +48,6 @@ from .optim import (
     step_batches,
 )
 from .runlog import RunLog
-
-STAGES = {"pretrain-llm": dict(freeze=0, text=True), "pretrain-vlm": dict(freeze=2, text=False),
-          "sft": dict(freeze=1, text=False)}
-
-
-@dataclass
-class TrainArgs:
-    stage: str
-    data: str
-    out_dir: str
-    preset: str = "minimind2-v"
-    llm: str | None = None  # a local Hugging Face causal LM (folder or .gguf) as the language model
-    lora_rank: int | None = None  # add LoRA adapters of this rank (None: as the model is)
-    overrides: dict = field(default_factory=dict)  # config fields for a new model
-    from_weight: str | None = None  # a folder written by an earlier stage
-    tokenizer: str | None = None  # None: the folder of --from-weight, else the package's default
-    vision: str | None = None  # vision tower folder, or "efficientnet-lite0"
-    image_root: str | None = None
-    freeze: int | None = None  # None: the stage's default
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 16  # per process
-    grad_accum: int = 1
-    lr: float = 5e-4
-    projector_lr_mult: float = 5.0
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.1
-    max_seq_len: int = 512
-    grad_clip: float = 1.0
-    dtype: str = "auto"
-    device: str = "auto"
-    grad_checkpointing: bool = False
-    packing: bool = False  # several samples per row (block-diagonal attention), no compute on padding
-    chunked_loss: bool = False  # loss from hidden states in chunks: less memory, logits recomputed in backward
-    compile: bool = False
-    seed: int = 0
-    num_workers: int = 0
-    log_every: int = 10
-    save_every: int = 0  # steps between checkpoints; 0: at the end only
-    keep_checkpoints: int = 2  # the newest N checkpoints stay (0: all)
-    max_skip_rate: float = 0.5  # stop when more of the samples read so far were skipped (bad records)
-    feature_cache: str | None = None
-    resume: bool = False
-    overwrite: bool = False  # replace a run already in out_dir
-    loggers: list[str] = field(default_factory=list)  # wandb, swanlab, tensorboard
-    eval_every: int = 0
-    evaluate: object = None  # callable(model) -> dict of metrics, run on the main process
-
 
 class Trainer:
     def __init__(self, args: TrainArgs, model=None, tokenizer=None):
