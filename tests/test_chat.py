@@ -1,6 +1,8 @@
 """`minimind-v chat` through a pseudo-terminal, the scripted mode, the session's history, and `bench`."""
 
+import io
 import json
+import os
 import subprocess
 import sys
 
@@ -58,12 +60,13 @@ def test_scripted_chat_prints_the_engines_answer(model_dir, flags):
                           text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     engine = engine_for(model_dir)
-    from minimind_v.serving.chat import open_image
+    from minimind_v.serving.chat import EMPTY, open_image
 
     expected = engine.generate([GenerationRequest(messages=[{"role": "user", "content": "<image>describe it"}],
                                                   images=[open_image(image)],
                                                   params=SamplingParams(max_new_tokens=8))])[0]
-    assert done.stdout == expected.text + "\n"
+    blank = not expected.text.strip()  # this random model writes only line breaks: said so after them
+    assert done.stdout == expected.text + (EMPTY if blank else "") + "\n"
 
 
 def test_ctrl_c_stops_the_answer_and_the_conversation_goes_on(model_dir, monkeypatch):
@@ -206,3 +209,44 @@ def test_chat_loads_an_original_pth_like_its_folder(model_dir, clip_dir, tmp_pat
     request = GenerationRequest(messages=[{"role": "user", "content": "<image>hi"}], images=[image],
                                 params=SamplingParams(max_new_tokens=6))
     assert pth_engine.generate([request])[0].token_ids == folder_engine.generate([request])[0].token_ids
+
+
+def test_chat_recalls_earlier_lines_with_the_arrow_keys_and_keeps_them(model_dir, tmp_path):
+    """readline: the up arrow brings back the last line (here /stats, turning it off again); the history is kept
+    in ~/.minimind_v_history for the next session."""
+    env = {**os.environ, "HOME": str(tmp_path)}
+    child = pexpect.spawn(sys.executable, ["-m", "minimind_v.cli", "chat", str(model_dir), "--max-new-tokens", "4"],
+                          encoding="utf-8", timeout=120, env=env)
+    try:
+        child.expect("you> ")
+        child.sendline("/stats")
+        child.expect(r"speed after each answer: on")
+        child.expect("you> ")
+        child.send("\x1b[A\r")  # up arrow, enter
+        child.expect(r"speed after each answer: off")
+        child.expect("you> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    kept = (tmp_path / ".minimind_v_history").read_text().splitlines()
+    assert kept[-1] == "/quit" and "/stats" in kept
+
+
+def test_an_empty_answer_is_said_not_left_blank():
+    from minimind_v.generation import GenerationResult
+    from minimind_v.serving.chat import EMPTY, run_chat
+
+    class Silent:  # a session whose model ends every answer at once
+        def attach(self, path): pass
+
+        def send(self, text, on_delta):
+            return GenerationResult("", [], "stop", 5)
+
+    out = io.StringIO()
+    assert run_chat(Silent(), prompt="describe the image.", out=out) == 0
+    assert EMPTY in out.getvalue()
+    lines = iter(["describe the image.", "/quit"])
+    out = io.StringIO()
+    assert run_chat(Silent(), read=lambda prompt: next(lines), out=out) == 0
+    assert f"assistant> {EMPTY}" in out.getvalue()

@@ -54,7 +54,11 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(capsys):
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("minimind-v")
+    import os
+    import sys
+
+    # the script beside this interpreter (`make test` runs .venv/bin/python without .venv/bin on PATH)
+    exe = shutil.which("minimind-v", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     assert exe is not None
     result = subprocess.run([exe, "presets"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "minimind-3v" in result.stdout and "large_moe" in result.stdout

@@ -320,7 +320,7 @@ def test_large_images_are_held_at_the_working_size(tmp_path):
     assert load_image(encode(big, "PNG"), ImageLimits(work_side=0))[0].size == (3000, 1500)
     small = Image.new("RGB", (300, 200), (10, 20, 30))
     assert load_image(encode(small, "PNG"))[0].tobytes() == small.tobytes()
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="max_aspect=0.5 "):
         ImageLimits(max_aspect=0.5)
 
 
@@ -501,3 +501,23 @@ def test_a_damaged_parquet_or_one_without_text_is_one_clear_error(tmp_path, toke
     pq.write_table(pa.table({"image_bytes": pa.array([png()], type=pa.binary())}), tmp_path / "images.parquet")
     with pytest.raises(ValueError, match="has no 'conversations' or 'text' column"):
         dataset(tmp_path / "images.parquet", tokenizer)
+
+
+def test_image_errors_name_the_problem_not_python_objects():
+    """Bytes PIL cannot read, a file object instead of bytes or a path, and bad limits: messages without
+    `<_io.BytesIO object at 0x...>` or a whole dataclass repr."""
+    import io
+
+    from minimind_v.data.images import ImageLimits, load_image
+    from minimind_v.data.skips import SkipRecord
+
+    with pytest.raises(SkipRecord) as bad:
+        load_image(b"not an image at all")
+    assert str(bad.value) == "corrupt image: not an image format PIL reads (19 bytes starting b'not an i')"
+    with pytest.raises(SkipRecord, match="must be encoded bytes or a path, not BytesIO") as handle:
+        load_image(io.BytesIO(b"x"))
+    assert "0x" not in str(bad.value) + str(handle.value)
+    with pytest.raises(ValueError) as limits:
+        ImageLimits(max_side=0, work_side=-1)
+    assert str(limits.value).startswith("image limits: max_side=0, work_side=-1 (") and "ImageLimits(" not in str(
+        limits.value)

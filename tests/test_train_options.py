@@ -71,14 +71,34 @@ def fake_wandb(calls: list) -> types.ModuleType:
 
 
 def test_wandb_receives_every_logged_metric(workspace, tmp_path, monkeypatch):
+    """The run is named after its stage and folder; the metrics are tagged train/...; loss.png is drawn."""
     calls = []
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb(calls))
-    run(workspace, tmp_path / "w", max_steps=3, loggers=["wandb"])
+    trainer = run(workspace, tmp_path / "w", max_steps=3, loggers=["wandb"])
     assert calls[0][0] == "init" and calls[0][1]["project"] == "minimind-v"
-    steps = [(step, m) for step, m in calls[1:] if "loss" in m]
+    assert calls[0][1]["name"] == f"sft: {tmp_path / 'w'}"
+    steps = [(step, m) for step, m in calls[1:] if "train/loss" in m]
     assert [s for s, _ in steps] == [1, 2, 3]
-    assert [m["loss"] for _, m in steps] == losses(tmp_path / "w")
-    assert {"lr", "grad_norm", "tokens_per_s"} <= set(steps[0][1])
+    assert [m["train/loss"] for _, m in steps] == losses(tmp_path / "w")
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(steps[0][1])
+    assert trainer.log.stage == "sft" and (tmp_path / "w" / "loss.png").stat().st_size > 5_000
+
+
+def test_the_loss_plot_is_titled_with_the_stage_and_draws_the_evaluation(tmp_path):
+    import matplotlib.image
+
+    from minimind_v.training.runlog import RunLog, plot_loss, tagged
+
+    log = RunLog(str(tmp_path), main=True, loggers=[], total=4, stage="pretrain-vlm")
+    for step in (1, 2, 3, 4):
+        log.write({"step": step, "loss": 2.0 / step, "lr": 1e-3, "tokens_per_s": 100})
+    log.write({"step": 4, "eval_accuracy": 0.5})
+    log.close()
+    plain = matplotlib.image.imread(plot_loss(str(tmp_path), "pretrain-vlm"))
+    assert tagged({"step": 4, "eval_accuracy": 0.5, "loss": 1.0, "ok": True}) == {"eval/accuracy": 0.5,
+                                                                                  "train/loss": 1.0}
+    orange = ((plain[..., 0] > 0.9) & (plain[..., 1] > 0.4) & (plain[..., 1] < 0.6) & (plain[..., 2] < 0.2)).sum()
+    assert orange > 20  # the evaluation's curve (matplotlib's tab:orange)
 
 
 def test_missing_or_unknown_logger_is_a_clear_error(workspace, tmp_path, monkeypatch):

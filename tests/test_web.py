@@ -1,4 +1,4 @@
-"""The Gradio web demo in headless Chromium (Playwright driving the system `chromium`): upload an image, ask,
+"""The Gradio web demo in headless Chromium (Playwright driving the system `chromium`): attach an image, ask,
 see the answer stream in; a screenshot is saved. The model is first taught one answer, so there is something
 definite to look for."""
 
@@ -17,7 +17,7 @@ from helpers import tiny_config  # noqa: E402
 from minimind_v import MiniMindVLM  # noqa: E402
 from minimind_v.data.processing import tokenize_conversation  # noqa: E402
 from minimind_v.generation import Engine, EngineWorker, GenerationRequest, SamplingParams  # noqa: E402
-from minimind_v.serving.web import build_app, empty_history, respond  # noqa: E402
+from minimind_v.serving.web import EMPTY_BOX, build_app, empty_history, respond  # noqa: E402
 from test_server import free_port  # noqa: E402
 
 ANSWER = "a blue square"
@@ -51,18 +51,50 @@ def taught(clip_dir, tokenizer, tmp_path_factory):
     return engine, path
 
 
+def box(text: str, *paths) -> dict:
+    """The multimodal message box's value."""
+    return {"text": text, "files": [str(p) for p in paths]}
+
+
+SETTINGS = (0.0, 1.0, 0, 20, 1.0)
+
+
 def test_respond_streams_and_keeps_history(taught):
     engine, path = taught
-    settings = (0.0, 1.0, 0, 20, 1.0)
     worker = EngineWorker(engine)
-    updates = list(respond(worker, QUESTION, Image.open(path), empty_history(), *settings))
-    display, history, textbox, image = updates[-1]
-    assert display[-1] == {"role": "assistant", "content": ANSWER} and textbox == "" and image is None
+    updates = list(respond(worker, box(QUESTION, path), empty_history(), *SETTINGS))
+    display, history, box_value = updates[-1]
+    assert display[-1] == {"role": "assistant", "content": ANSWER} and box_value == EMPTY_BOX
+    assert display[-2] == {"role": "user", "content": [{"path": str(path)}, QUESTION]}  # the image, as a thumbnail
     assert len(updates) >= 3  # streamed: several partial answers before the last
     assert history["messages"][0]["content"] == "<image>" + QUESTION and len(history["images"]) == 1
-    bad = list(respond(worker, "two?", Image.open(path), history, 0.0, 1.0, 0, 0, 1.0))[-1]
-    assert bad[0][-1]["content"].startswith("[error: max_new_tokens must be at least 1")
+    bad = list(respond(worker, box("two?", path), history, 0.0, 1.0, 0, 0, 1.0))[-1]
+    assert bad[0][-1]["content"].startswith("[error: max_new_tokens must be at least 1") and bad[2] == box("two?", path)
+    assert bad[1] is history  # a failed turn leaves the history as it was
+    missing = list(respond(worker, box("this?", "/no/such.png"), history, *SETTINGS))[-1]
+    assert "missing image" in missing[0][-1]["content"]
     worker.stop(timeout=5)
+
+
+def test_an_empty_message_is_not_sent_and_a_stopped_answer_stays(taught):
+    engine, path = taught
+    worker = EngineWorker(engine)
+    try:
+        history = list(respond(worker, box(QUESTION, path), empty_history(), *SETTINGS))[-1][1]
+        assert list(respond(worker, box("   "), history, *SETTINGS)) == [(history["display"], history, EMPTY_BOX)]
+        eos, engine.eos_ids = engine.eos_ids, set()  # an answer that would run its 200 tokens
+        try:
+            turn = respond(worker, box("and more?"), history, 0.0, 1.0, 0, 200, 1.0)
+            updates = [next(turn) for _ in range(3)]
+            turn.close()  # the stop button (or a browser that left)
+        finally:
+            engine.eos_ids = eos
+        display, kept, _ = updates[-1]
+        assert kept["messages"][-2] == {"role": "user", "content": "and more?"}
+        assert kept["messages"][-1]["content"] == display[-1]["content"] != ""  # the partial answer is kept
+        assert len(kept["messages"]) == 4 and len(kept["images"]) == 1
+    finally:
+        worker.stop(timeout=5)
 
 
 def answer_in_a_thread(worker: EngineWorker, path, timeout: float) -> list:
@@ -70,7 +102,7 @@ def answer_in_a_thread(worker: EngineWorker, path, timeout: float) -> list:
     did not finish within `timeout` s."""
     done = []
     thread = threading.Thread(target=lambda: done.append(list(respond(
-        worker, QUESTION, Image.open(path), empty_history(), 0.0, 1.0, 0, 20, 1.0))[-1]), daemon=True)
+        worker, box(QUESTION, path), empty_history(), *SETTINGS))[-1]), daemon=True)
     thread.start()
     thread.join(timeout)
     return done
@@ -82,7 +114,7 @@ def test_an_abandoned_answer_does_not_hold_the_engine(taught):
     engine, path = taught
     worker = EngineWorker(engine)
     try:
-        left = respond(worker, QUESTION, Image.open(path), empty_history(), 0.0, 1.0, 0, 20, 1.0)
+        left = respond(worker, box(QUESTION, path), empty_history(), *SETTINGS)
         next(left)  # the first partial answer shown, then nobody reads on
         done = answer_in_a_thread(worker, path, timeout=30)
         assert done and done[0][0][-1] == {"role": "assistant", "content": ANSWER}
@@ -90,7 +122,7 @@ def test_an_abandoned_answer_does_not_hold_the_engine(taught):
         engine._advance = lambda *args: (steps.append(1), time.sleep(0.005), real(*args))[2]
         engine.eos_ids = set()  # the abandoned answer would run its 400 tokens
         try:
-            long = respond(worker, "and more?", None, empty_history(), 0.0, 1.0, 0, 400, 1.0)
+            long = respond(worker, box("and more?"), empty_history(), 0.0, 1.0, 0, 400, 1.0)
             next(long)
             long.close()  # Gradio closes the turn of a browser that left
             start = time.time()
@@ -105,8 +137,11 @@ def test_an_abandoned_answer_does_not_hold_the_engine(taught):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (.ci/run installs Debian's)")
 def test_web_demo_in_headless_chromium(taught, tmp_path):
+    """The page names the model; an image attached in the message box shows as a thumbnail in the conversation and
+    the answer streams in; an empty message is not sent; the trash icon clears the conversation for good (the next
+    answer does not bring old turns back)."""
     engine, path = taught
-    app = build_app(engine)
+    app = build_app(engine, model="taught-model (tiny)")
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -114,13 +149,26 @@ def test_web_demo_in_headless_chromium(taught, tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
-            page.locator("#image input[type=file]").set_input_files(str(path))
-            page.locator("#image img").first.wait_for(timeout=30_000)
+            page.get_by_text("taught-model (tiny)").first.wait_for(timeout=30_000)
+            page.locator("#message input[type=file]").set_input_files(str(path))
             page.locator("#message textarea").fill(QUESTION)
-            page.locator("#send").click()
-            page.get_by_text(ANSWER).first.wait_for(timeout=60_000)
+            page.locator("#message textarea").press("Enter")
+            page.locator("#chat").get_by_text(ANSWER).first.wait_for(timeout=60_000)
+            page.locator("#chat img").first.wait_for(timeout=30_000)  # the image, in the conversation
             page.screenshot(path=str(tmp_path / "web-demo.png"), full_page=True)
-            assert "[image] " + QUESTION in page.locator("#chat").inner_text()
+            chat = page.locator("#chat").inner_text()
+            page.locator("#message textarea").press("Enter")  # nothing written: nothing sent
+            time.sleep(1.0)
+            assert page.locator("#chat").inner_text() == chat
+            page.locator("#chat").get_by_label("Clear").first.click()
+            page.locator("#message textarea").fill("and now?")
+            page.locator("#message textarea").press("Enter")
+            page.locator("#chat").get_by_text("and now?").first.wait_for(timeout=60_000)
+            shown, deadline = None, time.time() + 60
+            while time.time() < deadline and shown != page.locator("#chat").inner_text():  # the answer is done
+                shown = page.locator("#chat").inner_text()
+                time.sleep(1.0)
+            assert "and now?" in shown and QUESTION not in shown  # the cleared turn did not come back
             browser.close()
     finally:
         app.close()

@@ -73,7 +73,11 @@ def cmd_web(args: argparse.Namespace) -> int:
     _require("web", "gradio")
     from ..serving.web import build_app
 
-    build_app(engine_for(args)).launch(server_name=args.host, server_port=args.port)
+    from ..build import describe
+
+    engine = engine_for(args)
+    build_app(engine, model=f"{args.model} ({describe(engine.model)})").launch(server_name=args.host,
+                                                                               server_port=args.port)
     return 0
 
 

@@ -15,6 +15,7 @@ work_side^2 x 3 bytes (3 MiB at 1024), whatever was uploaded; the towers read 22
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -33,8 +34,11 @@ class ImageLimits:
     work_side: int = 1024  # decoded images are downscaled to this longer side (0: never)
 
     def __post_init__(self) -> None:
-        if min(self.max_pixels, self.max_side) < 1 or self.max_aspect < 1 or self.work_side < 0:
-            raise ValueError(f"image limits must be positive (max_aspect >= 1), got {self}")
+        lows = (("max_pixels", 1), ("max_side", 1), ("max_aspect", 1), ("work_side", 0))
+        bad = [f"{name}={getattr(self, name)}" for name, low in lows if getattr(self, name) < low]
+        if bad:
+            raise ValueError(f"image limits: {', '.join(bad)} (max_pixels, max_side and max_aspect must be at least 1, "
+                             f"work_side at least 0)")
 
     def check(self, width: int, height: int) -> None:
         """SkipRecord unless an image of this size is allowed (before any pixel is decoded)."""
@@ -53,6 +57,8 @@ def read_image_bytes(ref: bytes | str) -> bytes:
     """The encoded bytes of an image given as bytes or a path; SkipRecord for a file that cannot be read."""
     if isinstance(ref, (bytes, bytearray, memoryview)):
         return bytes(ref)
+    if not isinstance(ref, (str, os.PathLike)):
+        raise SkipRecord(MISSING_IMAGE, f"an image must be encoded bytes or a path, not {type(ref).__name__}")
     try:
         with open(ref, "rb") as f:
             return f.read()
@@ -104,6 +110,9 @@ def _decode(data: bytes, limits: ImageLimits) -> Image.Image:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise SkipRecord(DECOMPRESSION_BOMB, str(err)) from None
+        except Image.UnidentifiedImageError:  # its message names the in-memory file object, not the image
+            raise SkipRecord(CORRUPT_IMAGE, f"not an image format PIL reads ({len(data)} bytes starting "
+                                            f"{data[:8]!r})") from None
         except Exception as err:  # PIL signals bad data with many types (OSError, SyntaxError, struct.error, ...)
             raise SkipRecord(CORRUPT_IMAGE, f"{type(err).__name__}: {err}") from None
     return image

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, TextIO
 
@@ -15,7 +16,7 @@ from ..generation import Engine, GenerationRequest, GenerationResult, RequestErr
 HELP = ("commands: /image PATH  attach an image to your next message (repeatable)\n"
         "          /reset       forget the conversation\n"
         "          /stats       show or hide decode speed after each answer\n"
-        "          /quit        leave (or Ctrl-D); Ctrl-C stops an answer")
+        "          /quit        leave (or Ctrl-D); Ctrl-C stops an answer; arrow keys recall earlier lines")
 
 
 def open_image(ref: str | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
@@ -62,6 +63,39 @@ class ChatSession:
         return result
 
 
+EMPTY = "[no answer: the model ended it at once - try another wording, or a model trained on such questions]"
+HISTORY = os.path.join(os.path.expanduser("~"), ".minimind_v_history")
+
+
+def line_editing(history: str = HISTORY, length: int = 1000) -> None:
+    """Arrow keys, editing and a history kept across sessions for `input()` (GNU readline, where Python has it)."""
+    try:
+        import atexit
+        import readline
+    except ImportError:  # e.g. Windows without pyreadline: plain input
+        return
+    try:
+        readline.read_history_file(history)
+    except OSError:  # no history yet (or unreadable): start empty
+        pass
+    readline.set_history_length(length)
+    atexit.register(_save_history, readline, history)
+
+
+def _save_history(readline, history: str) -> None:
+    try:
+        readline.write_history_file(history)
+    except OSError:
+        pass
+
+
+def answer_note(result: GenerationResult) -> str:
+    """What to say after an answer: that it was stopped, or that it was empty."""
+    if result.finish_reason == "cancelled":
+        return "\n[stopped]"
+    return EMPTY if not result.text.strip() else ""
+
+
 def speed_line(result: GenerationResult) -> str:
     return (f"[{result.completion_tokens} tokens, prefill {result.prefill_seconds * 1000:.0f} ms, "
             f"decode {result.decode_tokens_per_s:.1f} tokens/s, finish: {result.finish_reason}]")
@@ -78,8 +112,10 @@ def run_chat(session: ChatSession, prompt: str | None = None, images: list[str] 
         session.attach(path)
     if prompt is not None:
         result = session.send(prompt, write)
-        write("\n" + (speed_line(result) + "\n" if stats else ""))
+        write(answer_note(result) + "\n" + (speed_line(result) + "\n" if stats else ""))
         return 0
+    if read is input:
+        line_editing()
     write("minimind-v chat: type a message, /help for commands, /quit to leave\n")
     while True:
         try:
@@ -115,8 +151,7 @@ def _turn(session: ChatSession, line: str, stats: bool, write: Callable[[str], N
         else:
             write("assistant> ")
             result = session.send(line, write)
-            stopped = "\n[stopped]" if result.finish_reason == "cancelled" else ""
-            write(stopped + "\n" + (speed_line(result) + "\n" if stats else ""))
+            write(answer_note(result) + "\n" + (speed_line(result) + "\n" if stats else ""))
     except RequestError as err:
         write(f"[error: {err}]\n")
     return stats

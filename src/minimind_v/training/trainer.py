@@ -82,7 +82,7 @@ class Trainer:
         if args.resume:
             self._resume_from(load_resume_state(args.out_dir, self.state(), main=self.rank == 0))
         self.log = RunLog(args.out_dir, main=self.rank == 0, loggers=args.loggers, total=self.total_steps,
-                          resumed_at=self.step if args.resume else None)
+                          resumed_at=self.step if args.resume else None, stage=args.stage)
 
     def state(self) -> TrainState:
         """What a checkpoint saves."""
