@@ -1,6 +1,7 @@
 """Original-layout checkpoints this project builds itself: other sizes, MoE of both generations, fp16/fp32,
 LLM-only files, and every way a file can fail to match."""
 
+import json
 import logging
 import os
 import subprocess
@@ -157,3 +158,50 @@ def test_convert_to_a_pth_in_a_missing_folder_creates_it(model_dir, tmp_path):
     assert main(["convert", str(model_dir), str(target)]) == 0
     state = torch.load(target, weights_only=True)
     assert state and all(t.dtype == torch.float16 for t in state.values())
+
+
+PROCESSOR = r"""
+import json, sys
+sys.modules["minimind_v"] = None
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
+folder, image = sys.argv[1], sys.argv[2]
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this?"}]}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=[Image.open(image)], text=prompt)
+tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+chat = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+messages[0]["content"][0]["image"] = image
+text = chat(text=messages, max_new_tokens=6, return_full_text=False)[0]["generated_text"]
+print(json.dumps({"processor": type(processor).__name__, "prompt": prompt, "tokens": tokens, "text": text,
+                  "pixels": list(inputs["pixel_values"].shape)}))
+"""
+
+
+def test_the_remote_code_export_has_a_processor_a_content_part_template_and_a_model_card(model_dir, tmp_path):
+    """Without this package: AutoProcessor gives the processor, its chat template takes content parts, its output
+    feeds generate, and pipeline("image-text-to-text") answers - the same tokens as this package's own prompt."""
+    from minimind_v.build import load_model
+    from minimind_v.data.processing import encode_prompt
+
+    convert(model_dir, tmp_path / "export", remote_code=True)
+    image = str(model_dir.parent / "blue.png")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", PROCESSOR, str(tmp_path / "export"), image], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    model, tokenizer = load_model(str(model_dir))
+    ids = encode_prompt(tokenizer, model.config, [{"role": "user", "content": "<image>what is this?"}])
+    from PIL import Image
+
+    pixels = model.image2tensor(Image.open(image), model.processor)[None]
+    expected = model.generate(ids, pixel_values=pixels, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert got["processor"] == "MiniMindVProcessor" and got["prompt"].endswith("<image>what is this?<|im_end|>\n"
+                                                                                "<|im_start|>assistant\n")
+    assert got["tokens"] == expected and got["pixels"][0] == 1
+    assert got["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and f"{sum(p.numel() for p in model.parameters()):,}" in card

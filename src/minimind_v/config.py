@@ -19,6 +19,19 @@ from transformers import PretrainedConfig
 from transformers.generation import GenerationConfig
 
 IMAGE_MARKER = "<image>"  # where an image goes in a prompt; it becomes the image's placeholder run
+# ChatML, one line per turn: "<|im_start|>{role}\n{content}<|im_end|>\n"; "<|im_start|>assistant\n" when
+# add_generation_prompt. No system prompt is injected. A turn's content is text, or transformers' content parts
+# ({"type": "text", "text": ...}, {"type": "image"} -> IMAGE_MARKER). (transformers renders with trim_blocks /
+# lstrip_blocks; the newlines here all sit after text or an expression, never right after a block tag, so they stay.)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 IGNORE_INDEX = -100  # the label of a position that carries no loss (the Hugging Face convention)
 PROJECTOR_TYPES = ("linear", "mlp", "cross_attn")
 VISION_TOWER_KINDS = ("auto", "clip", "siglip", "efficientnet")
@@ -168,6 +181,11 @@ class MiniMindVConfig(PretrainedConfig):
         if self.vision_tokens is not None:
             return self.vision_tokens
         return None if self.projector_type == "cross_attn" else self.image_token_len
+
+    @property
+    def image_placeholder(self) -> str:
+        """The text that stands for one image: image_special_token, repeated when it is a single token."""
+        return self.image_special_token * (self.image_token_len // len(self.image_ids))
 
     @property
     def image_token_id(self) -> int:

@@ -22,7 +22,7 @@ from .skips import NO_SUPERVISION, PLACEHOLDER_MISMATCH, TEMPLATE_ERROR, TOO_LON
 
 def placeholder_text(config: MiniMindVConfig) -> str:
     """The text that stands for one image: image_special_token, repeated when it is a single token."""
-    return config.image_special_token * (config.image_token_len // len(config.image_ids))
+    return config.image_placeholder
 
 
 def expand_image_markers(text: str, config: MiniMindVConfig) -> str:

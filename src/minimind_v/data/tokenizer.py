@@ -36,7 +36,7 @@ import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ..config import IMAGE_MARKER
+from ..config import CHAT_TEMPLATE, IMAGE_MARKER
 from .records import SUPPORTED_EXTENSIONS, iter_records
 from .skips import NOT_UTF8, SkipStats
 
@@ -48,17 +48,6 @@ SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_PAD_TOKEN]  # ids 0, 1,
 BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + BYTE_ALPHABET_SIZE  # 260: the specials and the byte alphabet, no merges
 MODEL_MAX_LENGTH = 32768
-
-# ChatML, one line per turn: "<|im_start|>{role}\n{content}<|im_end|>\n"; "<|im_start|>assistant\n" when
-# add_generation_prompt. No system prompt is injected. (transformers renders with trim_blocks/lstrip_blocks; the
-# newlines here all sit inside text, never right after a block tag, so they survive.)
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 
 def chatml_text(turns: list[dict]) -> str:

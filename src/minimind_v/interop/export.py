@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,8 @@ from transformers import AutoTokenizer
 
 from .original import load_original, save_original
 from ..models import MiniMindVLM, load_vlm
+from ..models.processor import MiniMindVProcessor
+from .model_card import write_model_card
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # minimind_v/
 CONFIG_MODULE = "configuration_minimind_v"
@@ -29,7 +32,8 @@ MODELING_MODULE = "modeling_minimind_v"
 # the modeling files, in dependency order; they land flat in the export folder
 MODEL_FILES = ("norm.py", "rope.py", "attention.py", "mlp.py", "language_model.py", "projector.py", "lora.py",
                "vision_tower.py", "efficientnet.py", "safe_loading.py", "vlm_base.py", "compat.py", "vlm.py",
-               "backbone.py")
+               "backbone.py", "processor.py")
+PROCESSOR_MODULE = "processor"
 
 
 def save_hf_folder(model: MiniMindVLM, out: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> None:
@@ -59,9 +63,25 @@ def export_remote_code(model: MiniMindVLM, out: str | os.PathLike,
     exported = copy.deepcopy(model)
     exported.embed_vision_tower()
     exported.config.auto_map = {"AutoConfig": f"{CONFIG_MODULE}.MiniMindVConfig",
-                                "AutoModelForCausalLM": f"{MODELING_MODULE}.MiniMindVLM"}
+                                "AutoModelForCausalLM": f"{MODELING_MODULE}.MiniMindVLM",
+                                "AutoModelForImageTextToText": f"{MODELING_MODULE}.MiniMindVLM"}
     save_hf_folder(exported, out, tokenizer_dir)
+    if tokenizer_dir is not None:
+        save_processor(exported, out, tokenizer_dir)
     write_modeling_code(Path(out))
+    write_model_card(exported, Path(out), tokenizer_dir is not None)
+
+
+def save_processor(model: MiniMindVLM, out: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> None:
+    """The processor (tokenizer + image processor + chat template) with an auto_map, so that
+    `AutoProcessor.from_pretrained(out, trust_remote_code=True)` gives it."""
+    processor = MiniMindVProcessor(model.processor, AutoTokenizer.from_pretrained(tokenizer_dir),
+                                   image_placeholder=model.config.image_placeholder)
+    processor.save_pretrained(out)
+    path = Path(out) / "processor_config.json"
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    settings["auto_map"] = {"AutoProcessor": f"{PROCESSOR_MODULE}.MiniMindVProcessor"}
+    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
 def write_modeling_code(out: Path) -> None:
