@@ -145,6 +145,12 @@ class VisionLanguageModel:
         self.config.vision_tower_path = None
 
     # --- the language model: its layers, what trains, LoRA, what was trained ---
+    def checkpoint_activations(self) -> None:
+        """Recompute activations in the backward pass (transformers' activation checkpointing; named
+        gradient_checkpointing before transformers 5.23)."""
+        enable = getattr(super(), "activation_checkpointing_enable", None) or super().gradient_checkpointing_enable
+        enable()
+
     @property
     def supports_static_decode(self) -> bool:
         """Whether decode steps can run as one fixed-shape step (CUDA graphs, compiled CPU steps)."""

@@ -155,7 +155,7 @@ class Trainer:
             print(f"trainable parameters: {self.params['trainable_params']:,} of {self.params['total_params']:,}",
                   file=sys.stderr)
         if args.grad_checkpointing:
-            self.model.activation_checkpointing_enable()
+            self.model.checkpoint_activations()
 
     def _wrap(self) -> torch.nn.Module:
         model = self.model
