@@ -152,7 +152,8 @@ def test_gradient_checkpointing_on_the_backbone_gives_the_same_weights(workspace
         trainer = Trainer(hf_args(workspace, tmp_path / str(checkpointing), llm, grad_checkpointing=checkpointing,
                                   max_steps=2))
         lm = trainer.model.language_model  # the attribute's name in transformers >= 5.23, and before
-        on = lm.is_activation_checkpointing if hasattr(lm, "is_activation_checkpointing") else lm.is_gradient_checkpointing
+        on = lm.is_activation_checkpointing if hasattr(lm, "is_activation_checkpointing") else \
+            lm.is_gradient_checkpointing
         assert on == checkpointing
         trainer.run()
         runs.append(load_file(tmp_path / str(checkpointing) / "model" / "model.safetensors"))
