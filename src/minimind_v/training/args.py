@@ -57,7 +57,7 @@ class TrainArgs:
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)")
     dtype: str = arg("auto", "auto (bf16 where the GPU has it, else fp16; fp32 on a CPU), bf16, fp16 or fp32")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, mps")
-    grad_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, ~30%% slower")
+    grad_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, slower steps")
     packing: bool = arg(False, "several samples per row with block-diagonal attention: no compute on padding")
     chunked_loss: bool = arg(False, "loss from the hidden states in chunks: less memory, logits recomputed")
     compile: bool = arg(False, "torch.compile the model (a slower first step)")
