@@ -260,3 +260,15 @@ def test_a_config_file_value_of_the_wrong_type_is_a_clear_error(tmp_path, capsys
     (tmp_path / "c.yaml").write_text("- a list\n")
     assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
     assert "must hold a mapping of training arguments, not list" in capsys.readouterr().err
+
+
+def test_the_files_a_run_names_are_checked_before_a_model_is_built(workspace, tmp_path, monkeypatch):
+    import minimind_v.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "training_model", lambda args: pytest.fail("a model was built"))
+    for change, message in ((dict(data=str(tmp_path / "missing.parquet")), "--data .*missing.parquet does not exist"),
+                            (dict(data=str(tmp_path / "notes.txt")), "the file must end in .parquet, .json, .jsonl"),
+                            (dict(from_weight=str(tmp_path / "nothing")), "--from-weight .*nothing does not exist"),
+                            (dict(tokenizer=str(tmp_path / "tok")), "--tokenizer .*tok does not exist")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            Trainer(args_for(workspace, "sft", tmp_path / "run", **change))

@@ -27,6 +27,7 @@ import torch
 from ..config import IGNORE_INDEX
 from ..data.batching import collate, pack
 from ..data.datasets import ConversationDataset, TextDataset
+from ..data.records import SUPPORTED_EXTENSIONS
 from ..data.skips import SkipStats
 from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_device
 from ..models.attention import PackedMask, varlen_ready
@@ -330,7 +331,14 @@ def check_args(args: TrainArgs) -> None:
                "--batch-size, --grad-accum, --epochs and --log-every must be at least 1"),
               (min(args.save_every, args.keep_checkpoints, args.num_workers) >= 0,
                "--save-every, --keep-checkpoints and --num-workers must be at least 0"),
-              (args.max_steps is None or args.max_steps >= 1, "--max-steps must be at least 1")]
+              (args.max_steps is None or args.max_steps >= 1, "--max-steps must be at least 1"),
+              (args.data.lower().endswith(SUPPORTED_EXTENSIONS), f"--data {args.data}: the file must end in "
+                                                                   f"{', '.join(SUPPORTED_EXTENSIONS)}")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    paths = [("--data", args.data, os.path.isfile), ("--from-weight", args.from_weight, os.path.isdir),
+             ("--tokenizer", args.tokenizer, os.path.isdir), ("--image-root", args.image_root, os.path.isdir)]
+    for flag, path, exists in paths:  # the files named: before any model is built
+        if path and not exists(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist")
