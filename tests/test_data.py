@@ -25,7 +25,7 @@ from minimind_v.config import IGNORE_INDEX
 from minimind_v.data.datasets import ConversationDataset, Sample, TextDataset
 from minimind_v.data.processing import tokenize_conversation
 from minimind_v.data.records import iter_records
-from minimind_v.data.images import ImageLimits, load_image
+from minimind_v.data.images import ImageLimits, decode_image, load_image
 from minimind_v.data.skips import SkipRecord, SkipStats
 
 CONFIG = tiny_config()  # 16 x '@' (id 34) per image
@@ -452,7 +452,7 @@ def test_later_epochs_reuse_the_tokens_and_skip_decoding_cached_images(tmp_path,
     first = [data[0], data[1]]
     calls, decodes = [], []
     monkeypatch.setattr(datasets, "tokenize_conversation", lambda *a: calls.append(a) or tokenize_conversation(*a))
-    monkeypatch.setattr(datasets, "load_image", lambda *a: decodes.append(a) or load_image(*a))
+    monkeypatch.setattr(datasets, "decode_image", lambda *a: decodes.append(a) or decode_image(*a))
     data.cached_keys = {hashlib.sha256(images[0]).hexdigest()}
     again = [data[0], data[1]]
     assert calls == [] and len(decodes) == 1  # no tokenizing; only the uncached image decoded

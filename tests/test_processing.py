@@ -4,12 +4,12 @@ import pytest
 
 from helpers import tiny_config
 from minimind_v import MiniMindVConfig
-from minimind_v.data.processing import chat_prompt, encode_prompt, placeholder_text
+from minimind_v.data.processing import chat_prompt, encode_prompt
 
 
-def test_placeholder_text_of_both_generations():
-    assert placeholder_text(MiniMindVConfig.from_name("minimind2-v")) == "@" * 196
-    assert placeholder_text(MiniMindVConfig.from_name("minimind-3v")) == "<|image_pad|>" * 64
+def test_the_image_placeholder_of_both_generations():
+    assert MiniMindVConfig.from_name("minimind2-v").image_placeholder == "@" * 196
+    assert MiniMindVConfig.from_name("minimind-3v").image_placeholder == "<|image_pad|>" * 64
 
 
 def test_encode_prompt_expands_markers_and_checks_the_count(tokenizer):

@@ -76,8 +76,8 @@ def test_a_filled_feature_cache_spares_decoding_and_changes_no_loss(workspace, t
     cache = str(tmp_path / "cache")
     first = Trainer(args_for(workspace, "sft", tmp_path / "a", epochs=2, freeze=0, feature_cache=cache)).run()
     decoded = []
-    original = datasets.load_image
-    monkeypatch.setattr(datasets, "load_image", lambda *a: decoded.append(a) or original(*a))
+    original = datasets.decode_image
+    monkeypatch.setattr(datasets, "decode_image", lambda *a: decoded.append(a) or original(*a))
     second = Trainer(args_for(workspace, "sft", tmp_path / "b", epochs=2, freeze=0, feature_cache=cache)).run()
     losses = [[r["loss"] for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if "loss" in r]
               for run in "ab"]

@@ -71,9 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_web(args: argparse.Namespace) -> int:
     _require("web", "gradio")
-    from ..serving.web import build_app
-
     from ..build import describe
+    from ..serving.web import build_app
 
     engine = engine_for(args)
     build_app(engine, model=f"{args.model} ({describe(engine.model)})").launch(server_name=args.host,

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from ..config import IGNORE_INDEX, MiniMindVConfig
 from ..models.image_features import bytes_key
-from .images import DEFAULT_LIMITS, ImageLimits, load_image, read_image_bytes
+from .images import DEFAULT_LIMITS, ImageLimits, decode_image, read_image_bytes
 from .processing import expand_image_markers, placeholder_runs, tokenize_conversation, truncate
 from .records import check_conversation, iter_records
 from .skips import EMPTY_TEXT, TRUNCATED, WRONG_KIND, SkipRecord, SkipStats
@@ -139,7 +139,7 @@ class ConversationDataset(_RecordDataset):
         for ref in record["images"][:kept]:
             data = read_image_bytes(ref)
             key = bytes_key(data)
-            image = None if key in self.cached_keys else load_image(data, self.image_limits, self.stats)[0]
+            image = None if key in self.cached_keys else decode_image(data, self.image_limits, self.stats)
             keys.append(key)
             images.append(image if image is None or self.transform is None else self.transform(image))
         return Sample(input_ids.tolist(), labels.tolist(), images, keys)

@@ -72,6 +72,11 @@ def load_image(ref: bytes | str, limits: ImageLimits = DEFAULT_LIMITS,
     for a missing, corrupt, truncated or over-limit image. A non-RGB image is converted and counted in
     `stats.converted`."""
     data = read_image_bytes(ref)
+    return decode_image(data, limits, stats), bytes_key(data)
+
+
+def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, stats: SkipStats | None = None) -> Image.Image:
+    """`load_image` without the key: encoded bytes -> the RGB image within the limits, at the working size."""
     image = _decode(data, limits)
     if image.mode != "RGB":
         if stats is not None:
@@ -80,7 +85,7 @@ def load_image(ref: bytes | str, limits: ImageLimits = DEFAULT_LIMITS,
             image = to_rgb(image)
         except ValueError as err:
             raise SkipRecord(CORRUPT_IMAGE, str(err)) from None
-    return working_size(image, limits.work_side), bytes_key(data)
+    return working_size(image, limits.work_side)
 
 
 def working_size(image: Image.Image, side: int) -> Image.Image:

@@ -20,13 +20,8 @@ from ..config import IGNORE_INDEX, IMAGE_MARKER, MiniMindVConfig
 from .skips import NO_SUPERVISION, PLACEHOLDER_MISMATCH, TEMPLATE_ERROR, TOO_LONG, SkipRecord
 
 
-def placeholder_text(config: MiniMindVConfig) -> str:
-    """The text that stands for one image: image_special_token, repeated when it is a single token."""
-    return config.image_placeholder
-
-
 def expand_image_markers(text: str, config: MiniMindVConfig) -> str:
-    return text.replace(IMAGE_MARKER, placeholder_text(config))
+    return text.replace(IMAGE_MARKER, config.image_placeholder)
 
 
 def chat_prompt(tokenizer, config: MiniMindVConfig, messages: list[dict[str, str]] | str,

@@ -32,9 +32,8 @@ class MiniMindVProcessor(ProcessorMixin):
         markers = sum(t.count(IMAGE_MARKER) for t in texts)
         if markers != len(flat):
             raise ValueError(f"the text has {markers} {IMAGE_MARKER} marker(s) but {len(flat)} image(s) were given")
-        self.tokenizer.padding_side = "left"
         data = dict(self.tokenizer([t.replace(IMAGE_MARKER, self.image_placeholder) for t in texts], padding=True,
-                                   add_special_tokens=False, return_tensors=return_tensors))
+                                   padding_side="left", add_special_tokens=False, return_tensors=return_tensors))
         if flat:
             images = [load_image(image) if isinstance(image, str) else image for image in flat]  # paths too
             data["pixel_values"] = self.image_processor(images=[image.convert("RGB") for image in images],
