@@ -50,7 +50,7 @@ def test_reduced_demo_runs_every_stage(tmp_path, capsys):
     assert set(sets) == {"easy-vqa test", "renders", "shifted", "world", "world captions (object set)"}
     assert sets["shifted"]["total"] == 6 * SIZES["quick"].eval_renders and "baselines" in sets["shifted"]
     skills = sets["world"]["per_type"]
-    assert {"count", "relation", "binding", "existence (random)"} <= set(skills) and "caption" not in skills
+    assert {"count", "relation (yes/no)", "binding", "existence (random)"} <= set(skills) and "caption" not in skills
     assert all({"blind", "shuffled", "margin"} <= set(row) for row in skills.values())
     assert 0 < sets["world captions (object set)"]["total"] <= SIZES["quick"].world_test
     assert len(report["samples"]) == 4 and all((out / "samples" / f"shape_{n}.png").is_file() for n in range(4))
@@ -92,15 +92,16 @@ def test_full_demo_sees(tmp_path):
 
 @pytest.mark.slow
 def test_world_demo(tmp_path):
-    """The README's world numbers: `python -m pytest -m slow -k world tests/test_demo.py` (about 23 minutes on 2
-    cores, 8 on the GPU machine). The skills it reads from the image stay well above both baselines; the ones it
-    does not learn (relations, reading) are not checked."""
+    """The README's world numbers: `python -m pytest -m slow -k world tests/test_demo.py` (about 27 minutes on 2
+    cores). The skills it reads from the image stay well above both baselines; the one it does not learn (comparing
+    two named things' positions, relation yes/no) is not checked."""
     from minimind_v.demo import run_demo
 
     sets = run_demo(str(tmp_path / "demo"), "world")["sets"]
     assert sets["easy-vqa test"]["accuracy"] >= 0.99 and sets["shifted"]["accuracy"] >= 0.97
     skills = sets["world"]["per_type"]
-    assert skills["binding"]["margin"] >= 0.4
+    for skill in ("binding", "reading", "relation (which)"):
+        assert skills[skill]["margin"] >= 0.5, skill
     for skill in ("count", "existence (random)", "existence (popular)", "existence (adversarial)"):
         assert skills[skill]["margin"] >= 0.3, skill
-    assert sets["world captions (object set)"]["accuracy"] >= 0.35
+    assert sets["world captions (object set)"]["accuracy"] >= 0.5

@@ -116,7 +116,7 @@ def test_world_answers_on_a_hand_checked_scene():
             assert q not in asked  # two things are left of the star: no single answer, never asked
         elif q in asked:
             assert asked[q][0] == a, q
-    assert {"count", "relation", "binding", "caption"} <= {s for _, s in asked.values()}
+    assert {"count", "relation (yes/no)", "relation (which)", "binding", "caption"} <= {s for _, s in asked.values()}
     assert asked["is there a blue circle?"][1] == "existence (adversarial)"  # blue and circle both present
     assert caption(scene()) == "a red circle, a red triangle and a blue star."
 
@@ -163,3 +163,19 @@ def test_captions_are_scored_by_the_objects_they_name():
     assert (scores["correct"], scores["total"]) == (1, 2)  # None: a question the model could not take
     if scores["bleu"] is not None:
         assert 0 < scores["bleu"] < 100
+
+
+def test_the_reading_share_is_a_knob_of_the_world_command(tmp_path, capsys):
+    from minimind_v.cli import main
+    from minimind_v.data.world import world_rows
+
+    def reading_scenes(share):
+        return len({(r[0], r[1]) for r in world_rows(200, 0, seed=3, reading=share) if r[4] == "reading"})
+
+    assert reading_scenes(0.0) == 0 and reading_scenes(1.0) == 200 and 40 < reading_scenes(0.3) < 80
+    assert main(["world", str(tmp_path / "w"), "--train-scenes", "20", "--test-scenes", "5", "--reading", "1"]) == 0
+    skills = set(pq.read_table(tmp_path / "w" / "train.parquet").column("skill").to_pylist())
+    assert skills == {"reading", "caption"}
+    assert main(["world", str(tmp_path / "x"), "--reading", "1.5"]) != 0
+    assert "reading scenes must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -152,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_world(args: argparse.Namespace) -> int:
     from ..data.world import write_world
 
-    counts = write_world(args.out, args.train_scenes, args.test_scenes, args.seed)
+    counts = write_world(args.out, args.train_scenes, args.test_scenes, args.seed, args.reading)
     print(f"wrote {args.out}/train.parquet, test.jsonl, images/: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     return 0
 
@@ -219,6 +219,8 @@ def add_other_parsers(sub) -> None:
     world.add_argument("--test-scenes", type=int, default=500, help="scenes of the test split (held-out colour-"
                                                                       "kind pairs and backgrounds)")
     world.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset")
+    world.add_argument("--reading", type=float, default=0.3, help="the share of scenes that are a written word to "
+                                                                  "read (the rest: 1-6 objects)")
     world.set_defaults(func=cmd_world)
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="action", required=True)

@@ -1,8 +1,10 @@
 """The questions a world scene (world.py) answers, one skill at a time; every answer is computed from the scene.
 
     count                   "how many shapes / red shapes / stars are there?" -> "0".."6"
-    relation                "is the red star left of the blue circle?" -> yes/no (only for pairs clearly apart);
-                            "what is left of the blue circle?" -> "red star" (only when exactly one thing is)
+    relation (yes/no)       "is the red star left of the blue circle?" -> yes/no (only for pairs clearly apart):
+                            two named things' positions compared
+    relation (which)        "what is left of the blue circle?" -> "red star" (only when exactly one thing is, so
+                            it is also the leftmost thing: a different, easier skill, scored apart)
     binding                 "what color is the triangle?" / "what is the red shape?" among distractors
     existence (random)      yes for a present pair; no for a pair whose colour and kind are both absent
     existence (popular)     no for an absent pair sharing its colour or its kind with something present
@@ -50,14 +52,15 @@ def relation(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     for a, b in pairs:
         word, gap = rng.choice(list(RELATIONS.items()))
         if abs(gap(a, b)) > APART:
-            out.append((f"is the {a.name} {word} the {b.name}?", "yes" if gap(a, b) > 0 else "no", "relation"))
+            out.append((f"is the {a.name} {word} the {b.name}?", "yes" if gap(a, b) > 0 else "no",
+                        "relation (yes/no)"))
             break
     for b in rng.sample(list(scene.things), len(scene.things)):
         word, gap = rng.choice(list(RELATIONS.items()))
         ahead = [t for t in scene.things if t is not b and gap(t, b) > APART]
         near = [t for t in scene.things if t is not b and 0.04 < gap(t, b) <= APART]
         if len(ahead) == 1 and not near:
-            out.append((f"what is {word} the {b.name}?", ahead[0].name, "relation"))
+            out.append((f"what is {word} the {b.name}?", ahead[0].name, "relation (which)"))
             break
     return out
 
