@@ -122,3 +122,17 @@ def test_bench_serve_table(model_dir, capsys):
     assert "300.0 MiB / 320.5 MiB / 301.0 MiB" in text and "0.002 s / 0.01 s" in text
     assert text.startswith("bench serve: 2 clients sending for 1 s (1.2 s to the last answer), max_tokens 4 (EOS "
                            "ignored), temperature 0, not streamed")
+
+
+def test_the_server_leaves_a_core_to_its_http_side(model_dir, capsys):
+    import torch
+
+    from minimind_v.device import serving_threads
+
+    cpu = torch.device("cpu")
+    assert [serving_threads(cpu, cores=n) for n in (1, 2, 16)] == [1, 1, 15]
+    assert serving_threads(cpu, requested=3, cores=2) == 3 and serving_threads(torch.device("cuda")) is None
+    with pytest.raises(ValueError, match="at least 1"):
+        serving_threads(cpu, requested=0)
+    assert main(["serve", str(model_dir), "--threads", "0"]) != 0  # refused before the model loads
+    assert "--threads must be at least 1" in capsys.readouterr().err

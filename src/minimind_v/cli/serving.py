@@ -52,15 +52,22 @@ def _require(extra: str, *modules: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _require("serve", "fastapi", "uvicorn")
+    import torch
     import uvicorn
 
+    from ..device import pick_device, serving_threads
     from ..serving.openai_api import ServerSettings, create_app
     from ..serving.options import configure_access_log, settings_fields
 
     settings = ServerSettings(**settings_fields(args, os.environ))
+    threads = serving_threads(pick_device(args.device), args.threads)  # a bad --threads fails before the model loads
     configure_access_log(args)
-    app = create_app(engine_for(args), settings)
-    print(f"[minimind-v] serving {settings.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    engine = engine_for(args)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    app = create_app(engine, settings)
+    print(f"[minimind-v] serving {settings.model_name!r} on http://{args.host}:{args.port}/v1"
+          + (f" ({threads} decode thread{'s' if threads > 1 else ''})" if threads else ""), file=sys.stderr)
     try:  # SIGTERM/SIGINT: stop accepting, let requests finish for --drain-timeout s, cancel the rest, exit
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                     timeout_graceful_shutdown=args.drain_timeout)

@@ -30,6 +30,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                         help="a request still waiting or generating after this long ends with 504 request_timeout "
                              "(0: no time-out)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch's threads for the decode step (default on a CPU: one fewer than the cores, so "
+                             "the HTTP side keeps one; on a GPU: torch's own)")
     parser.add_argument("--no-access-log", action="store_true",
                         help="do not log a line per request (client, path, status, time, tokens) to stderr")
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
