@@ -122,3 +122,42 @@ def test_hugging_face_backbones_batch_continuously(kind, clip_dir, tmp_path):
     expected = alone(engine)
     got = interleaved(ContinuousBatch(engine, slots=3), requests(), arrivals=[0, 1, 1, 2, 5, 5, 6])
     assert [got[i].token_ids for i in range(7)] == [r.token_ids for r in expected]
+
+
+def test_sampled_rows_are_warped_together_as_transformers_warps_each():
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from minimind_v.generation.sampling import batchable, sample_batch, warp_batch
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300) * 3  # [n, V]
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in
+              ((1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9), (0.5, 40, 0.5), (2.0, 1, 1.0), (1.0, 0, 0.05))]
+    warped = warp_batch(logits, params)
+    for row, p in zip(range(6), params):
+        expected = TemperatureLogitsWarper(p.temperature)(None, logits[row:row + 1])
+        if p.top_k:
+            expected = TopKLogitsWarper(p.top_k)(None, expected)
+        if p.top_p < 1:
+            expected = TopPLogitsWarper(p.top_p)(None, expected)
+        assert torch.equal(torch.isinf(warped[row]), torch.isinf(expected[0])), row
+        kept = ~torch.isinf(expected[0])
+        assert torch.allclose(warped[row][kept], expected[0][kept], atol=1e-6), row
+    assert (~torch.isinf(warped[4])).sum() == 1  # top_k 1
+    tokens = sample_batch(logits, params, torch.Generator().manual_seed(1))
+    assert all(not torch.isinf(warped[row, token]) for row, token in enumerate(tokens))
+    assert [batchable(p) for p in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, seed=3),
+                                   SamplingParams(temperature=1.0, repetition_penalty=1.2), SamplingParams())] == \
+        [True, False, False, False]
+
+
+def test_unseeded_sampled_rows_run_beside_greedy_and_seeded_ones(engine):
+    todo = requests()
+    for request in todo[:3]:  # three unseeded sampled rows in the batch as well
+        request.params = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=20, top_p=0.9)
+    expected = alone(engine)
+    got = interleaved(ContinuousBatch(engine, slots=8), todo, arrivals=[0] * 7)
+    for i in range(3, 7):  # greedy and seeded answers do not depend on what else runs
+        assert got[i].token_ids == expected[i].token_ids, i
+    vocab = len(engine.tokenizer)
+    assert all(len(got[i].token_ids) <= 6 and all(0 <= t < vocab for t in got[i].token_ids) for i in range(3))

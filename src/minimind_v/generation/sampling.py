@@ -122,3 +122,33 @@ class TokenChooser:
             return int(scores.argmax(-1))
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def batchable(params: SamplingParams) -> bool:
+    """Rows whose next token the batch may draw together: sampled, unseeded (a seeded row keeps its own generator,
+    so its answer does not depend on what else runs), without a repetition penalty (it needs each row's history)."""
+    return not params.greedy and params.seed is None and params.repetition_penalty == 1.0
+
+
+def warp_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The temperature, top-k and top-p warpers of TokenChooser, every row with its own settings at once:
+    logits [n, V] -> scores [n, V] (removed tokens -inf), equal to transformers' warpers row by row."""
+    scores = logits.float() / torch.tensor([p.temperature for p in params], device=logits.device)[:, None]  # [n, V]
+    k = torch.tensor([p.top_k if p.top_k > 0 else scores.shape[-1] for p in params], device=logits.device)  # [n]
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device)[:, None]  # [n, 1]
+    ordered, order = scores.sort(dim=-1, descending=True)  # [n, V]
+    rank = torch.arange(scores.shape[-1], device=logits.device)[None, :]  # [1, V]
+    kth = ordered.gather(-1, (k - 1).clamp(max=scores.shape[-1] - 1)[:, None])  # [n, 1]: the k-th largest score
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # top-k keeps ties with the k-th, as transformers
+    probs = ordered.softmax(-1)  # [n, V]
+    before = probs.cumsum(-1) - probs  # [n, V]: probability of the tokens ranked above
+    drop = (before >= top_p) & (rank > 0) & (top_p < 1)  # top-p: the fewest tokens whose probability reaches p
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    return torch.full_like(scores, float("-inf")).scatter(-1, order, ordered)  # [n, V], in vocabulary order
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None = None) \
+        -> list[int]:
+    """One draw per row from warp_batch's distribution: logits [n, V] -> n token ids."""
+    probs = warp_batch(logits, params).softmax(-1)  # [n, V]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()

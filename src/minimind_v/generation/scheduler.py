@@ -23,7 +23,7 @@ from .engine import Engine
 from .kv_cache import PreallocatedCache
 from .requests import GenerationRequest, GenerationResult, RequestError, StreamDelta
 from .rows import Row
-from .sampling import TokenChooser
+from .sampling import TokenChooser, batchable, sample_batch
 from .slots import SlotPool
 
 
@@ -156,11 +156,7 @@ class ContinuousBatch:
 
     def _advance(self, items: list[tuple[int, Running]], logits: torch.Tensor) -> list[tuple[object, StreamDelta]]:
         """Choose each row's next token from logits [k, V]; push it; free the slots of rows that ended."""
-        if all(not r.chooser.processors and r.chooser.params.greedy for _, r in items):
-            tokens = logits.argmax(-1).tolist()
-        else:
-            tokens = [r.chooser(torch.tensor([r.row.prompt_ids + r.row.tokens], device=logits.device),
-                                logits[k:k + 1]) for k, (_, r) in enumerate(items)]
+        tokens = self._choose(items, logits)
         now, out = time.perf_counter(), []
         for (slot, r), token in zip(items, tokens):
             r.first_token = r.first_token or now
@@ -172,6 +168,25 @@ class ContinuousBatch:
             elif delta:
                 out.append((r.key, StreamDelta(0, delta)))
         return out
+
+    @staticmethod
+    def _choose(items: list[tuple[int, Running]], logits: torch.Tensor) -> list[int]:
+        """Next tokens for logits [k, V]: greedy rows by argmax, unseeded sampled rows drawn together
+        (sampling.batchable), the others (seeded, repetition penalty) by their own chooser."""
+        params = [r.chooser.params for _, r in items]
+        if all(not r.chooser.processors and p.greedy for (_, r), p in zip(items, params)):
+            return logits.argmax(-1).tolist()
+        together = [k for k, p in enumerate(params) if batchable(p)]
+        tokens = [0] * len(items)
+        if together:
+            drawn = sample_batch(logits[together], [params[k] for k in together])
+            for k, token in zip(together, drawn):
+                tokens[k] = token
+        for k in sorted(set(range(len(items))) - set(together)):
+            r = items[k][1]
+            tokens[k] = r.chooser(torch.tensor([r.row.prompt_ids + r.row.tokens], device=logits.device),
+                                  logits[k:k + 1])
+        return tokens
 
     @staticmethod
     def _result(r: Running) -> GenerationResult:
