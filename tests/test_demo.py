@@ -53,7 +53,9 @@ def test_reduced_demo_runs_every_stage(tmp_path, capsys):
     assert {"count", "relation (yes/no)", "binding", "existence (random)"} <= set(skills) and "caption" not in skills
     assert all({"blind", "shuffled", "margin"} <= set(row) for row in skills.values())
     assert 0 < sets["world captions (object set)"]["total"] <= SIZES["quick"].world_test
-    assert len(report["samples"]) == 4 and all((out / "samples" / f"shape_{n}.png").is_file() for n in range(4))
+    assert len(report["samples"]) == 4 + 3 and all((out / "samples" / f"shape_{n}.png").is_file() for n in range(4))
+    assert all((out / "samples" / f"scene_{n}.png").is_file() for n in range(3))  # held-out world scenes
+    assert "describe the image. ->" in report["samples"][-1] and "(truth " in report["samples"][-1]
     assert "| count |" in printed and "blind | shuffled | margin" in printed
     # every training image (easy-vqa's, the renders, the world's) is in the feature cache: later epochs and stages
     # never run the tower, augmented or not

@@ -223,6 +223,9 @@ def evaluate_demo(out: str, model_dir: str, size: DemoSize, echo) -> dict:
     report = {**reports["easy-vqa test"], "sets": {k: {n: v for n, v in r.items() if n != "examples"}
                                                    for k, r in reports.items()}}
     report["samples"] = sample_answers(model, tokenizer, os.path.join(out, "samples"))
+    if size.world:
+        report["samples"] += world_samples(model, tokenizer, os.path.join(out, "data", "world"),
+                                           os.path.join(out, "samples"))
     report["photos"] = photo_answers(model, tokenizer, features)
     for line in report["samples"] + report["photos"]:
         echo(f"[demo] {line}")
@@ -240,6 +243,21 @@ def world_reports(model, tokenizer, folder: str, memory: ImageFeatures, echo) ->
     for item, prediction in list(zip(described, predictions))[:4]:
         echo(f"[demo] caption of a held-out scene: {prediction!r} (truth: {item.answer!r})")
     return reports
+
+
+def world_samples(model, tokenizer, world: str, folder: str, scenes: int = 3) -> list[str]:
+    """Copy a few held-out world scenes to `folder` (images to try `minimind-v chat` on) and answer two questions on
+    each: its description and how many shapes it holds."""
+    described = [i for i in load_qa_jsonl(os.path.join(world, "test.jsonl")) if i.qtype == "caption"][:scenes]
+    items, paths = [], []
+    for number, item in enumerate(described):
+        paths.append(os.path.join(folder, f"scene_{number}.png"))
+        item.images[0].save(paths[-1])
+        items += [QAItem("<image>\n" + DESCRIBE, item.answer, item.images),
+                  QAItem("<image>\nhow many shapes are there?", "", item.images)]
+    answers = generate_answers(model, tokenizer, items, max_new_tokens=48)
+    return [f"sample {path}: {DESCRIBE} -> {answers[2 * n]} (truth {items[2 * n].answer}); how many shapes are "
+            f"there? -> {answers[2 * n + 1]}" for n, path in enumerate(paths)]
 
 
 def sample_answers(model, tokenizer, folder: str) -> list[str]:
