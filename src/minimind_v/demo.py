@@ -212,8 +212,9 @@ def evaluate_demo(out: str, model_dir: str, size: DemoSize, echo) -> dict:
                                       batch_size=256, max_new_tokens=4)
         reports["shifted"] = evaluate_with_baselines(model, tokenizer, drawn_items("shifted", size.eval_renders, 2),
                                                      memory, batch_size=256, max_new_tokens=4)
-    if size.world:
-        reports.update(world_reports(model, tokenizer, os.path.join(out, "data", "world"), memory, echo))
+    world = load_qa_jsonl(os.path.join(out, "data", "world", "test.jsonl")) if size.world else []
+    if world:
+        reports.update(world_reports(model, tokenizer, world, memory, echo))
     for name, r in reports.items():
         details = [f"{t} {v['accuracy']:.4f}" for t, v in r.get("per_type", {}).items()]
         details += [f"BLEU {r['bleu']:.1f}"] if r.get("bleu") is not None else []
@@ -223,18 +224,16 @@ def evaluate_demo(out: str, model_dir: str, size: DemoSize, echo) -> dict:
     report = {**reports["easy-vqa test"], "sets": {k: {n: v for n, v in r.items() if n != "examples"}
                                                    for k, r in reports.items()}}
     report["samples"] = sample_answers(model, tokenizer, os.path.join(out, "samples"))
-    if size.world:
-        report["samples"] += world_samples(model, tokenizer, os.path.join(out, "data", "world"),
-                                           os.path.join(out, "samples"))
+    if world:
+        report["samples"] += world_samples(model, tokenizer, world, os.path.join(out, "samples"))
     report["photos"] = photo_answers(model, tokenizer, features)
     for line in report["samples"] + report["photos"]:
         echo(f"[demo] {line}")
     return report
 
 
-def world_reports(model, tokenizer, folder: str, memory: ImageFeatures, echo) -> dict:
+def world_reports(model, tokenizer, items: list[QAItem], memory: ImageFeatures, echo) -> dict:
     """The world's test questions by skill, with baselines; its captions scored by object set and BLEU."""
-    items = load_qa_jsonl(os.path.join(folder, "test.jsonl"))
     skills = [i for i in items if i.qtype != "caption"]
     described = [i for i in items if i.qtype == "caption"]
     reports = {"world": evaluate_with_baselines(model, tokenizer, skills, memory, batch_size=256, max_new_tokens=8)}
@@ -245,10 +244,10 @@ def world_reports(model, tokenizer, folder: str, memory: ImageFeatures, echo) ->
     return reports
 
 
-def world_samples(model, tokenizer, world: str, folder: str, scenes: int = 3) -> list[str]:
-    """Copy a few held-out world scenes to `folder` (images to try `minimind-v chat` on) and answer two questions on
-    each: its description and how many shapes it holds."""
-    described = [i for i in load_qa_jsonl(os.path.join(world, "test.jsonl")) if i.qtype == "caption"][:scenes]
+def world_samples(model, tokenizer, world: list[QAItem], folder: str, scenes: int = 3) -> list[str]:
+    """Copy a few held-out world scenes (of the world's test items) to `folder` (images to try `minimind-v chat`
+    on) and answer two questions on each: its description and how many shapes it holds."""
+    described = [i for i in world if i.qtype == "caption"][:scenes]
     items, paths = [], []
     for number, item in enumerate(described):
         paths.append(os.path.join(folder, f"scene_{number}.png"))

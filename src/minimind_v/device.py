@@ -88,8 +88,7 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def serving_threads(device: torch.device, requested: int | None = None, cores: int | None = None) -> int | None:
     """Torch's intra-op threads for a server on `device`: `requested`, else on a CPU one core fewer than the process
     may use (at least 1), so the event loop, tokenising and streaming keep a core instead of taking turns with the
-    decode step's threads (on the 2-core CPU: 64 streaming clients 13.5k tokens/s with 1 thread, 10.7k with 2;
-    8 clients 7.1k against 2.9k); None: leave torch's setting (a GPU)."""
+    decode step's threads (README, `--threads`); None: leave torch's setting (a GPU)."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads must be at least 1 (got {requested})")

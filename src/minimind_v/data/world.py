@@ -130,7 +130,7 @@ def caption_objects(text: str) -> tuple:
 
 def world_rows(train_scenes: int, test_scenes: int, seed: int = 0, reading: float = 0.3) -> list[tuple]:
     """(split, scene number, question, answer, skill, PNG bytes) of a seeded world; `reading`: the share of
-    reading scenes (a word among 50 needs more examples than the other skills: 0.15 read 37.5%, 0.3 80%)."""
+    reading scenes (reading one word of fifty needs more examples than the other skills)."""
     from .world_questions import questions
 
     if not 0 <= reading <= 1 or train_scenes < 0 or test_scenes < 0:

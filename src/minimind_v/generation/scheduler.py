@@ -177,16 +177,10 @@ class ContinuousBatch:
         if all(not r.chooser.processors and p.greedy for (_, r), p in zip(items, params)):
             return logits.argmax(-1).tolist()
         together = [k for k, p in enumerate(params) if batchable(p)]
-        tokens = [0] * len(items)
-        if together:
-            drawn = sample_batch(logits[together], [params[k] for k in together])
-            for k, token in zip(together, drawn):
-                tokens[k] = token
-        for k in sorted(set(range(len(items))) - set(together)):
-            r = items[k][1]
-            tokens[k] = r.chooser(torch.tensor([r.row.prompt_ids + r.row.tokens], device=logits.device),
-                                  logits[k:k + 1])
-        return tokens
+        drawn = dict(zip(together, sample_batch(logits[together], [params[k] for k in together]))) if together else {}
+        return [drawn[k] if k in drawn else
+                r.chooser(torch.tensor([r.row.prompt_ids + r.row.tokens], device=logits.device), logits[k:k + 1])
+                for k, (_, r) in enumerate(items)]
 
     @staticmethod
     def _result(r: Running) -> GenerationResult:
