@@ -94,16 +94,15 @@ def test_full_demo_sees(tmp_path):
 
 @pytest.mark.slow
 def test_world_demo(tmp_path):
-    """The README's world numbers: `python -m pytest -m slow -k world tests/test_demo.py` (about 27 minutes on 2
-    cores). The skills it reads from the image stay well above both baselines; the one it does not learn (comparing
-    two named things' positions, relation yes/no) is not checked."""
+    """The README's world numbers: `python -m pytest -m slow -k world tests/test_demo.py` (about 25 minutes on 2
+    cores). The skills it reads from the image stay 40 points or more above both baselines, most of them near their
+    marks; the one it does not learn (comparing two named things' positions, relation yes/no) is not checked."""
     from minimind_v.demo import run_demo
 
     sets = run_demo(str(tmp_path / "demo"), "world")["sets"]
     assert sets["easy-vqa test"]["accuracy"] >= 0.99 and sets["shifted"]["accuracy"] >= 0.97
     skills = sets["world"]["per_type"]
-    for skill in ("binding", "reading", "relation (which)"):
-        assert skills[skill]["margin"] >= 0.5, skill
-    for skill in ("count", "existence (random)", "existence (popular)", "existence (adversarial)"):
-        assert skills[skill]["margin"] >= 0.3, skill
-    assert sets["world captions (object set)"]["accuracy"] >= 0.5
+    for skill in ("binding", "reading", "relation (which)", "count", "existence (random)", "existence (popular)",
+                  "existence (adversarial)"):
+        assert skills[skill]["margin"] >= 0.4 and skills[skill]["accuracy"] >= 0.85, skill
+    assert sets["world captions (object set)"]["accuracy"] >= 0.6

@@ -139,3 +139,91 @@ def test_compiled_packed_training_equals_eager(workspace, tmp_path, device):
                          feature_cache=None)).run()
         curves.append([r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r])
     assert curves[1] == pytest.approx(curves[0], rel=1e-2 if device == "cuda" else 1e-4)
+
+
+# --- shared prefixes: one image's questions with the prompt and image once per row
+
+
+@pytest.fixture
+def questions_ws(workspace, tmp_path):
+    """Three images, four different questions each (and one question whose image is alone)."""
+    from helpers import COLORS, png
+    from minimind_v.data.records import qa_conversations, write_parquet
+
+    asks = [("what color is it?", None), ("is it red?", "yes"), ("describe it.", "a square"), ("is it?", "maybe")]
+    rows = [(q, a or name, png(rgb)) for name, rgb in COLORS.items() for q, a in asks]
+    rows.append(("what color is it?", "white", png((250, 250, 250))))
+    write_parquet(str(tmp_path / "qa.parquet"), qa_conversations(rows))
+    return {**workspace, "sft": str(tmp_path / "qa.parquet")}
+
+
+def run_batch(trainer, batch, packed: bool):
+    features = trainer.features(batch["images"], batch["image_keys"], trainer.model.device)
+    mask = (PackedMask(batch["segment_ids"], batch["cu_seqlens"], None, batch.get("prefix_ids")) if packed
+            else batch["attention_mask"])
+    with torch.no_grad():
+        out = trainer.model.eval()(input_ids=batch["input_ids"], attention_mask=mask,
+                                   position_ids=batch.get("position_ids") if packed else None, image_features=features)
+    return out.logits, summed_loss(out.logits, batch["labels"])
+
+
+def test_shared_prefix_rows_give_every_sample_its_own_logits(questions_ws, tmp_path):
+    trainer = Trainer(args_for(questions_ws, "sft", tmp_path, max_seq_len=96, packing=True, share_prefix=4))
+    pad, samples = trainer.tokenizer.pad_token_id, [trainer.dataset[i] for i in range(len(trainer.dataset))]
+    shared, padded = pack(samples, 96, pad, share_prefix=True), collate(samples, pad)
+    assert len(shared["image_keys"]) < len(samples) and len(shared["image_keys"]) >= 4  # images once per unit
+    assert int(shared["token_mask"].sum()) < int(padded["attention_mask"].sum())  # the starts computed once
+    assert (shared["prefix_ids"] >= 0).any()
+    (logits, loss), (plain_logits, plain_loss) = run_batch(trainer, shared, True), run_batch(trainer, padded, False)
+    torch.testing.assert_close(loss, plain_loss, atol=1e-4, rtol=1e-5)
+    # every supervised token's logits, in the shared rows and alone (the samples' order differs: match by loss)
+    rows = []
+    for out, batch in (((logits, loss), shared), ((plain_logits, plain_loss), padded)):
+        chosen = batch["labels"][:, 1:] != -100
+        scores, targets = out[0][:, :-1][chosen], batch["labels"][:, 1:][chosen]  # [answer tokens, V], [tokens]
+        order = torch.argsort(F.cross_entropy(scores, targets, reduction="none"))
+        rows.append((scores[order], targets[order]))
+    assert torch.equal(rows[0][1], rows[1][1])
+    torch.testing.assert_close(rows[0][0], rows[1][0], atol=1e-4, rtol=1e-4)
+
+
+def test_shared_units_respect_rows_and_starts(questions_ws, tmp_path):
+    from minimind_v.data.batching import shared_units
+
+    trainer = Trainer(args_for(questions_ws, "sft", tmp_path, max_seq_len=96, packing=True, share_prefix=4))
+    samples = [trainer.dataset[i] for i in range(len(trainer.dataset))]
+    units = shared_units(samples, 96)
+    assert sorted(i for _, members in units for i in members) == list(range(len(samples)))
+    for p, members in units:
+        assert p + sum(len(samples[i].input_ids) - p for i in members) <= 96
+        if p:  # a shared start holds the image and stops before any answer
+            assert len({tuple(samples[i].image_keys) for i in members}) == 1 and len(members) > 1
+            assert all(samples[i].shareable[0] <= p <= samples[i].shareable[1] for i in members)
+            assert len({tuple(samples[i].input_ids[:p]) for i in members}) == 1
+    tight = shared_units(samples, 40)  # small rows: a group splits into units that fit
+    assert all(p + sum(len(samples[i].input_ids) - p for i in m) <= 40 for p, m in tight if p)
+    alone = [i for p, members in units if not p for i in members]
+    assert len(samples) - 1 in alone  # the image asked about once
+
+
+def test_grouped_steps_keep_an_images_samples_together():
+    from minimind_v.training.optim import image_chunks, step_batches
+
+    groups = [i // 4 for i in range(40)]
+    steps = step_batches(40, 3, 0, 8, groups)
+    assert steps == step_batches(40, 3, 0, 8, groups) and steps != step_batches(40, 3, 1, 8, groups)
+    assert sorted(i for step in steps for i in step) == list(range(40))
+    assert all(len({groups[i] for i in step}) == 2 for step in steps)  # two whole groups of four a step
+    assert [groups[i] for step in steps for i in step] != sorted(groups)  # the groups' order is shuffled
+    chunks = image_chunks([0, 1, 0, 0, 1, 0, 2], 2)  # group 0's samples two at a time
+    assert chunks == [0, 1, 0, 2, 1, 2, 3]
+
+
+def test_training_with_shared_prefixes(questions_ws, tmp_path):
+    with pytest.raises(ValueError, match="add --packing"):
+        Trainer(args_for(questions_ws, "sft", tmp_path / "x", share_prefix=4))
+    with pytest.raises(ValueError, match="at least 0"):
+        Trainer(args_for(questions_ws, "sft", tmp_path / "x", packing=True, share_prefix=-1))
+    summary = Trainer(args_for(questions_ws, "sft", tmp_path / "y", packing=True, share_prefix=4, max_seq_len=96,
+                               batch_size=4, max_steps=3)).run()
+    assert summary["steps"] == 3 and summary["loss"] > 0

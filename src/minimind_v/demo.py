@@ -50,6 +50,8 @@ class DemoSize:
     world: int = 0  # training scenes of the visual world (world.py); 0: easy-vqa's skills only
     world_test: int = 400
     max_seq_len: int = 128
+    packing: bool = False  # packed rows in every stage (pays where lengths vary; easy-vqa's hardly do)
+    share_prefix: int = 0  # sft: an image's questions this many at a time in one step, prompt and image computed once
 
 
 MODEL = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -58,10 +60,10 @@ MODEL = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_
 SIZES = {
     "default": DemoSize(preset=MODEL, sft_epochs=5),
     # easy-vqa and the visual world's skills (counting, relations, binding, existence, reading, captions)
-    "world": DemoSize(preset=MODEL, world=16000),
+    "world": DemoSize(preset=MODEL, world=24000, packing=True, share_prefix=4),
     # CI's reduced chain: every stage and every evaluation (a small world included), in a few minutes
     "quick": DemoSize(preset=MODEL, sft_epochs=1, batch_size=16, limit=256, renders=40, eval_renders=20, world=30,
-                      world_test=20),
+                      world_test=20, packing=True, share_prefix=4),
 }
 
 
@@ -179,11 +181,12 @@ def train_chain(out: str, size: DemoSize, paths: dict[str, str], echo) -> str:
     echo(f"[demo] tokenizer ({len(tokenizer)} tokens; at most {size.vocab_size}) -> {tokenizer_dir}")
     # on a GPU, worker processes tokenize while it trains; on a CPU they would only compete with it
     workers = 0 if pick_device().type == "cpu" else min(4, (os.cpu_count() or 2) // 2)
-    common = dict(feature_cache=os.path.join(out, "feature_cache"), vision=EFFICIENTNET_MULTISCALE, num_workers=workers)
+    common = dict(feature_cache=os.path.join(out, "feature_cache"), vision=EFFICIENTNET_MULTISCALE, num_workers=workers,
+                  packing=size.packing)
     stages = [("pretrain-llm", paths["text.jsonl"], size.llm_epochs, dict(tokenizer=tokenizer_dir,
                                                                           overrides=size.preset)),
               ("pretrain-vlm", paths["captions.parquet"], size.vlm_epochs, {}),
-              ("sft", paths["sft.parquet"], size.sft_epochs, dict(freeze=0))]
+              ("sft", paths["sft.parquet"], size.sft_epochs, dict(freeze=0, share_prefix=size.share_prefix))]
     previous = None
     for stage, data, epochs, extra in stages:
         stage_out = os.path.join(out, stage)

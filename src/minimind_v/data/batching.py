@@ -16,6 +16,11 @@ FlashAttention on CUDA, else the block-diagonal causal mask [R, 1, L, L] built w
 never ship L x L masks. Each sample's first label is ignored, so no loss crosses from one sample into the next; the
 padding at a row's end is one more segment (it sees only itself and its own padding, so no attention row is empty).
 A packed row gives every sample the logits it would get alone (tests/test_packing.py).
+
+With `share_prefix`, the samples of a batch that show the same images (one image's questions) keep their common
+start - the prompt and the image's placeholders, up to the question - once per row: the start is one segment, each
+sample's rest another that also sees it (`prefix_ids`) and carries on from its positions, so each sample still gets
+the logits it would get alone while the image runs through the projector and the prompt through the model once.
 """
 
 from __future__ import annotations
@@ -41,40 +46,84 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack(samples: list[Sample | tuple[None, str]], max_len: int, pad_token_id: int, one_row: bool = False) -> dict:
+def pack(samples: list[Sample | tuple[None, str]], max_len: int, pad_token_id: int, one_row: bool = False,
+         share_prefix: bool = False) -> dict:
     """Samples -> packed rows (see the module docstring); (None, reason) entries are dropped and counted.
     one_row: every sample in a single row, its length rounded up to a multiple of 64 (for variable-length attention,
-    which needs no rows of max_len: almost no padding at all)."""
+    which needs no rows of max_len: almost no padding at all). share_prefix: samples that show the same images and
+    start alike keep their common start once per row (`shared_units`), "prefix_ids" says who sees it."""
     kept = [s for s in samples if isinstance(s, Sample)]
     skipped = [s[1] for s in samples if not isinstance(s, Sample)]
+    units = shared_units(kept, max_len) if share_prefix else [(0, [i]) for i in range(len(kept))]
+    sizes = [p + sum(len(kept[i].input_ids) - p for i in members) for p, members in units]
     if one_row:
-        max_len = max(64, -(-sum(len(s.input_ids) for s in kept) // 64) * 64)
-    rows = first_fit([len(s.input_ids) for s in kept], max_len)
-    input_ids = torch.full((len(rows), max_len), pad_token_id, dtype=torch.long)  # [R, L]
-    labels = torch.full((len(rows), max_len), IGNORE_INDEX, dtype=torch.long)  # [R, L]
-    position_ids = torch.zeros((len(rows), max_len), dtype=torch.long)  # [R, L]
-    segment = torch.full((len(rows), max_len), -1, dtype=torch.long)  # [R, L]: sample of each position, -1 pad
+        max_len = max(64, -(-sum(sizes) // 64) * 64)
+    rows = first_fit(sizes, max_len)
+    out = {name: torch.full((len(rows), max_len), fill, dtype=torch.long)  # [R, L] each
+           for name, fill in (("input_ids", pad_token_id), ("labels", IGNORE_INDEX), ("position_ids", 0),
+                              ("segment_ids", -1), ("prefix_ids", -1))}
     images, keys, bounds = [], [], []
-    for r, members in enumerate(rows):
-        start = 0
-        for number, i in enumerate(members):
-            sample, n = kept[i], len(kept[i].input_ids)
-            input_ids[r, start:start + n] = torch.tensor(sample.input_ids)
-            labels[r, start:start + n] = torch.tensor(sample.labels)
-            labels[r, start] = IGNORE_INDEX  # never predicted from the previous sample's last token
-            position_ids[r, start:start + n] = torch.arange(n)
-            segment[r, start:start + n] = number
-            images += sample.images
-            keys += sample.image_keys
-            bounds.append(r * max_len + start)
-            start += n
+    for r, row in enumerate(rows):
+        start, segments = 0, 0
+        for u in row:
+            (p, members), shared = units[u], -1
+            if p:  # the shared start: its own segment, which each member's segment also sees
+                bounds.append(r * max_len + start)
+                start += _place(out, r, start, kept[members[0]], 0, p, segments, -1)
+                shared, segments = segments, segments + 1
+            for i in members:
+                if not p or i == members[0]:  # a shared start shows its images once
+                    images, keys = images + kept[i].images, keys + kept[i].image_keys
+                bounds.append(r * max_len + start)
+                start += _place(out, r, start, kept[i], p, len(kept[i].input_ids), segments, shared)
+                segments += 1
         if start < max_len:  # the row's padding tail: a segment of its own
             bounds.append(r * max_len + start)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment,
-            "cu_seqlens": torch.tensor(bounds + [len(rows) * max_len], dtype=torch.int32),
-            "token_mask": (segment >= 0).long(),
-            "images": batch_images(images), "image_keys": keys, "skipped": skipped,
-            "lengths": [len(s.input_ids) for s in kept]}
+    if not share_prefix:
+        del out["prefix_ids"]
+    return {**out, "cu_seqlens": torch.tensor(bounds + [len(rows) * max_len], dtype=torch.int32),
+            "token_mask": (out["segment_ids"] >= 0).long(), "images": batch_images(images), "image_keys": keys,
+            "skipped": skipped, "lengths": [len(s.input_ids) for s in kept]}
+
+
+def _place(out: dict, row: int, start: int, sample: Sample, first: int, end: int, segment: int, prefix: int) -> int:
+    """Tokens first..end of a sample into `row` at `start`, at their own positions; -> how many."""
+    n = end - first
+    out["input_ids"][row, start:start + n] = torch.tensor(sample.input_ids[first:end])
+    out["labels"][row, start:start + n] = torch.tensor(sample.labels[first:end])
+    out["labels"][row, start] = IGNORE_INDEX  # never predicted from the token before it in the row
+    out["position_ids"][row, start:start + n] = torch.arange(first, end)
+    out["segment_ids"][row, start:start + n] = segment
+    out["prefix_ids"][row, start:start + n] = prefix
+    return n
+
+
+def shared_units(samples: list[Sample], max_len: int) -> list[tuple[int, list[int]]]:
+    """(prefix length, sample indices): samples with the same images whose common start p fits every one's
+    `shareable` range share it (p tokens once, then each one's rest), as many as fit max_len; others alone (p 0)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(tuple(sample.image_keys) if sample.shareable else ("", i), []).append(i)
+    units = []
+    for members in groups.values():
+        ids = [samples[i].input_ids for i in members]
+        p = min([samples[i].shareable[1] for i in members] + [common_length(ids[0], other) for other in ids[1:]])
+        if len(members) == 1 or p < max(samples[i].shareable[0] for i in members):
+            units += [(0, [i]) for i in members]
+            continue
+        unit, size = [], p
+        for i in members:  # as many as fit in one row; the next ones start a unit of their own
+            if unit and size + len(samples[i].input_ids) - p > max_len:
+                units.append((p, unit) if len(unit) > 1 else (0, unit))
+                unit, size = [], p
+            unit.append(i)
+            size += len(samples[i].input_ids) - p
+        units.append((p, unit) if len(unit) > 1 else (0, unit))
+    return units
+
+
+def common_length(a: list[int], b: list[int]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def collate(samples: list[Sample | tuple[None, str]], pad_token_id: int) -> dict:

@@ -40,6 +40,9 @@ class Sample:
     labels: list[int]  # same length as input_ids; -100 where there is no loss
     images: list[Image.Image | None]  # None: the image's features are cached (the image was not decoded)
     image_keys: list[str]  # sha256 hex of each image's encoded bytes (a feature-cache key)
+    # (lo, hi): the first p tokens, lo <= p <= hi, can be computed once for samples that show the same images and
+    # start alike (they hold every image and no loss label, and the token after them has none); None: never
+    shareable: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.labels) != len(self.input_ids) or len(self.image_keys) != len(self.images):
@@ -75,6 +78,13 @@ class _RecordDataset(Dataset, abc.ABC):
         if not self.records:
             raise ValueError(f"no usable records in {os.fspath(path)!r}: {self.stats.summary()}")
         self._skipped: dict[int, str] = {}  # index -> reason: a skipped record is counted once
+
+    def image_groups(self) -> list[int]:
+        """Each record's group number: records that show the same images (equal bytes or paths, in order) share one,
+        numbered by first appearance; a record without images is a group of its own."""
+        numbers: dict[tuple, int] = {}
+        return [numbers.setdefault(tuple(record.get("images") or ()) or ("", i), len(numbers))
+                for i, record in enumerate(self.records)]
 
     def image_records(self) -> int:
         """How many of the kept records show images."""
@@ -142,7 +152,8 @@ class ConversationDataset(_RecordDataset):
             image = None if key in self.cached_keys else decode_image(data, self.image_limits, self.stats)
             keys.append(key)
             images.append(image if image is None or self.transform is None else self.transform(image))
-        return Sample(input_ids.tolist(), labels.tolist(), images, keys)
+        return Sample(input_ids.tolist(), labels.tolist(), images, keys,
+                      shareable_start(input_ids, labels, self.config.image_token_id) if keys else None)
 
     def _tokenize(self, record: dict) -> tuple[array, array, int, bool]:
         """(input_ids, labels, images kept, whether it was cut) of a record within max_seq_len."""
@@ -155,6 +166,15 @@ class ConversationDataset(_RecordDataset):
         full_len = len(input_ids)
         input_ids, labels, kept = truncate(input_ids, labels, starts, config.image_token_len, self.max_seq_len)
         return array("i", input_ids), array("i", labels), kept, len(input_ids) < full_len
+
+
+def shareable_start(input_ids: array, labels: array, image_token_id: int) -> tuple[int, int] | None:
+    """(lo, hi) of Sample.shareable: lo just past the last image placeholder, hi the last position before the first
+    label (so the token at p carries no label either); None when lo > hi."""
+    ids = input_ids.tolist()
+    lo = len(ids) - ids[::-1].index(image_token_id) if image_token_id in ids else 0
+    hi = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels)) - 1
+    return (lo, hi) if lo <= hi else None
 
 
 class TextDataset(_RecordDataset):

@@ -5,7 +5,8 @@ FlashAttention path on GPU), a boolean mask [B, 1, L, S] (True = may attend), or
 (several samples per row, each attending causally within itself, with per-sample `position_ids`).
 `build_attention_mask` makes the boolean mask from a 2D padding mask and the KV-cache offset. A `PackedMask` runs
 as variable-length FlashAttention on CUDA (`torch.nn.attention.varlen`: every sample is its own sequence, nothing is
-computed across samples or on masked blocks) in fp16/bf16 and as its block-diagonal boolean mask elsewhere.
+computed across samples or on masked blocks) in fp16/bf16 and as its block-diagonal boolean mask elsewhere; rows
+whose samples share a prefix (one image's questions, the prompt and image computed once) always take the mask.
 """
 
 from __future__ import annotations
@@ -25,19 +26,25 @@ from .rope import apply_rotary
 
 @dataclass
 class PackedMask:
-    """Packed rows. segment_ids [R, L]: the sample of the row each position holds (-1: padding); cu_seqlens int32
+    """Packed rows. segment_ids [R, L]: the segment of the row each position holds (-1: padding); cu_seqlens int32
     [segments + 1]: where every segment (each sample, and each row's padding tail) starts in the R * L flattened
-    positions, then R * L; max_len: no segment is longer (None: L)."""
+    positions, then R * L; max_len: no segment is longer (None: L). prefix_ids [R, L] (or None): the segment that a
+    position also sees, its sample's shared start (a prompt and image computed once for several samples; -1: none)."""
 
     segment_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_len: int | None = None
+    prefix_ids: torch.Tensor | None = None
 
     def dense(self) -> torch.Tensor:
-        """bool [R, 1, L, L]: same sample (or both padding) and not in the future."""
-        length = self.segment_ids.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=self.segment_ids.device).tril()  # [L, L]
-        return ((self.segment_ids[:, :, None] == self.segment_ids[:, None, :]) & causal)[:, None]
+        """bool [R, 1, L, L]: same segment (or both padding), or the query's shared prefix; not in the future."""
+        seg, length = self.segment_ids, self.segment_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()  # [L, L]
+        allowed = seg[:, :, None] == seg[:, None, :]  # [R, L, L]
+        if self.prefix_ids is not None:
+            prefix = self.prefix_ids[:, :, None]  # [R, L, 1]
+            allowed |= (prefix == seg[:, None, :]) & (prefix >= 0)
+        return (allowed & causal)[:, None]
 
 
 def varlen_ready(flash_attn: bool, dropout: float, device: torch.device, dtype: torch.dtype) -> bool:
@@ -79,7 +86,7 @@ class Attention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if isinstance(mask, PackedMask):
             # v is in the compute dtype (under autocast q and k left RoPE in fp32, as SDPA's autocast would cast them)
-            if varlen_ready(self.use_sdpa, dropout_p, v.device, v.dtype):
+            if mask.prefix_ids is None and varlen_ready(self.use_sdpa, dropout_p, v.device, v.dtype):
                 q, k = q.to(v.dtype), k.to(v.dtype)
                 return self.resid_dropout(self.o_proj(packed_attention(q, k, v, mask.cu_seqlens, mask.max_len)))
             mask = mask.dense()
@@ -145,7 +152,8 @@ def build_attention_mask(attention_mask: torch.Tensor | None, seq_len: int, past
     if isinstance(attention_mask, PackedMask):
         if past_len:
             raise ValueError("packed rows (PackedMask) cannot follow a KV cache")
-        return attention_mask if attention_mask.segment_ids.is_cuda else attention_mask.dense()
+        varlen = attention_mask.segment_ids.is_cuda and attention_mask.prefix_ids is None
+        return attention_mask if varlen else attention_mask.dense()
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask.bool()
     if attention_mask is not None:

@@ -59,6 +59,8 @@ class TrainArgs:
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, mps")
     grad_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, slower steps")
     packing: bool = arg(False, "several samples per row with block-diagonal attention: no compute on padding")
+    share_prefix: int = arg(0, "with --packing: samples that show one image train in the same step, N at a time, a "
+                               "row computing their common start (prompt, image) once; each sees only itself (0: off)")
     chunked_loss: bool = arg(False, "loss from the hidden states in chunks: less memory, logits recomputed")
     compile: bool = arg(False, "torch.compile the model (a slower first step)")
     seed: int = arg(0, "seed of the model's initialisation and the data order")

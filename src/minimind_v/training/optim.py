@@ -66,10 +66,28 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def step_batches(num_samples: int, seed: int, epoch: int, global_batch: int) -> list[list[int]]:
-    """The epoch's optimizer steps as lists of sample indices (one seeded permutation; a short tail is dropped)."""
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+def step_batches(num_samples: int, seed: int, epoch: int, global_batch: int,
+                 groups: list[int] | None = None) -> list[list[int]]:
+    """The epoch's optimizer steps as lists of sample indices (one seeded permutation; a short tail is dropped).
+    `groups` (a group number per sample): the groups are permuted instead, each group's samples kept together."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    if groups is None:
+        order = torch.randperm(num_samples, generator=generator).tolist()
+    else:
+        rank = torch.randperm(max(groups, default=-1) + 1, generator=generator).tolist()
+        order = sorted(range(num_samples), key=lambda i: (rank[groups[i]], i))
     return [order[i:i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
+
+
+def image_chunks(groups: list[int], size: int) -> list[int]:
+    """Each sample's chunk: its group's samples, `size` at a time (in file order), numbered by first appearance."""
+    seen: dict[int, int] = {}
+    numbers: dict[tuple[int, int], int] = {}
+    chunks = []
+    for group in groups:
+        seen[group] = seen.get(group, 0) + 1
+        chunks.append(numbers.setdefault((group, (seen[group] - 1) // size), len(numbers)))
+    return chunks
 
 
 def micro_batches(step: list[int], rank: int, world: int, accum: int) -> list[list[int]]:

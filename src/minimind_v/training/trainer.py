@@ -43,6 +43,7 @@ from .optim import (
     apply_freeze,
     count_parameters,
     hold_frozen_in,
+    image_chunks,
     lr_factor,
     make_optimizer,
     micro_batches,
@@ -108,7 +109,8 @@ class Trainer:
         """The dataset (samples within max_seq_len and the model's context), image features, the step counts."""
         args, config = self.args, self.model.config
         # packed samples under variable-length attention need no rows of max_seq_len: one row, (almost) no padding
-        self.one_row = args.packing and varlen_ready(config.flash_attn, config.dropout, self.device, self.dtype)
+        self.one_row = (args.packing and not args.share_prefix
+                        and varlen_ready(config.flash_attn, config.dropout, self.device, self.dtype))
         self.max_seq_len = min(args.max_seq_len, config.max_position_embeddings)
         if self.max_seq_len < args.max_seq_len and self.rank == 0:
             print(f"max_seq_len {args.max_seq_len} is over the model's context: samples are cut to "
@@ -128,6 +130,8 @@ class Trainer:
         if self.features is not None and args.num_workers > 0 and args.feature_cache is None:  # in the workers
             half = torch.float16 if self.device.type == "cuda" else torch.float32  # half the bytes to ship
             self.dataset.transform = functools.partial(pixel_values, processor=tower.processor, dtype=half)
+        # --share-prefix N: an image's samples N at a time in one step (the chunks, not the samples, shuffled)
+        self.groups = image_chunks(self.dataset.image_groups(), args.share_prefix) if args.share_prefix else None
         self.global_batch = args.batch_size * self.world * args.grad_accum
         self.steps_per_epoch = len(self.dataset) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -206,7 +210,7 @@ class Trainer:
         reads them all, so its workers live from the first epoch to the last."""
         plan = []
         for epoch in range(self.epoch, self.args.epochs):
-            steps = step_batches(len(self.dataset), self.args.seed, epoch, self.global_batch)
+            steps = step_batches(len(self.dataset), self.args.seed, epoch, self.global_batch, self.groups)
             first = self.position if epoch == self.epoch else 0
             plan += [(epoch, position, steps[position]) for position in range(first, len(steps))]
         return plan[:max(0, self.total_steps - self.step)]
@@ -216,7 +220,8 @@ class Trainer:
         as `plan()` gives them."""
         micro = [mb for step in steps for mb in micro_batches(step, self.rank, self.world, self.args.grad_accum)]
         pad = self.tokenizer.pad_token_id
-        batcher = (functools.partial(pack, max_len=self.max_seq_len, pad_token_id=pad, one_row=self.one_row)
+        batcher = (functools.partial(pack, max_len=self.max_seq_len, pad_token_id=pad, one_row=self.one_row,
+                                     share_prefix=self.args.share_prefix > 0)
                    if self.args.packing else functools.partial(collate, pad_token_id=pad))
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=micro, num_workers=self.args.num_workers,
                                              collate_fn=batcher, worker_init_fn=ignore_interrupts,
@@ -290,8 +295,10 @@ class Trainer:
             images = batch["images"]  # a stacked tensor (workers preprocessed them) or a list of PIL images
             features = self.features(images, batch["image_keys"], self.device) if len(images) else None
             if "segment_ids" in batch:  # packed rows: each sample attends within itself, counts positions from 0
+                prefix = batch.get("prefix_ids")
                 mask = PackedMask(batch["segment_ids"].to(self.device, non_blocking=True),
-                                  batch["cu_seqlens"].to(self.device, non_blocking=True), self.max_seq_len)
+                                  batch["cu_seqlens"].to(self.device, non_blocking=True), self.max_seq_len,
+                                  None if prefix is None else prefix.to(self.device, non_blocking=True))
                 positions = batch["position_ids"].to(self.device, non_blocking=True)
             else:
                 mask, positions = batch["attention_mask"].to(self.device, non_blocking=True), None
@@ -332,6 +339,8 @@ def check_args(args: TrainArgs) -> None:
               (min(args.save_every, args.keep_checkpoints, args.num_workers) >= 0,
                "--save-every, --keep-checkpoints and --num-workers must be at least 0"),
               (args.max_steps is None or args.max_steps >= 1, "--max-steps must be at least 1"),
+              (args.share_prefix >= 0, "--share-prefix must be at least 0 (0: off)"),
+              (args.packing or not args.share_prefix, "--share-prefix works on packed rows: add --packing"),
               (args.data.lower().endswith(SUPPORTED_EXTENSIONS), f"--data {args.data}: the file must end in "
                                                                    f"{', '.join(SUPPORTED_EXTENSIONS)}")]
     for ok, message in checks:
