@@ -94,9 +94,9 @@ def test_full_demo_sees(tmp_path):
 
 @pytest.mark.slow
 def test_world_demo(tmp_path):
-    """The README's world numbers: `python -m pytest -m slow -k world tests/test_demo.py` (about 25 minutes on 2
+    """The README's world numbers: `python -m pytest -m slow -k world tests/test_demo.py` (about 27 minutes on 2
     cores). The skills it reads from the image stay 40 points or more above both baselines, most of them near their
-    marks; the one it does not learn (comparing two named things' positions, relation yes/no) is not checked."""
+    marks; the one it learns only in part (comparing two named things' positions, relation yes/no) is not checked."""
     from minimind_v.demo import run_demo
 
     sets = run_demo(str(tmp_path / "demo"), "world")["sets"]
