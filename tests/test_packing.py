@@ -178,9 +178,9 @@ def test_shared_prefix_rows_give_every_sample_its_own_logits(questions_ws, tmp_p
     torch.testing.assert_close(loss, plain_loss, atol=1e-4, rtol=1e-5)
     # every supervised token's logits, in the shared rows and alone (the samples' order differs: match by loss)
     rows = []
-    for out, batch in (((logits, loss), shared), ((plain_logits, plain_loss), padded)):
+    for out, batch in ((logits, shared), (plain_logits, padded)):
         chosen = batch["labels"][:, 1:] != -100
-        scores, targets = out[0][:, :-1][chosen], batch["labels"][:, 1:][chosen]  # [answer tokens, V], [tokens]
+        scores, targets = out[:, :-1][chosen], batch["labels"][:, 1:][chosen]  # [answer tokens, V], [tokens]
         order = torch.argsort(F.cross_entropy(scores, targets, reduction="none"))
         rows.append((scores[order], targets[order]))
     assert torch.equal(rows[0][1], rows[1][1])
