@@ -121,6 +121,30 @@ def test_world_answers_on_a_hand_checked_scene():
     assert caption(scene()) == "a red circle, a red triangle and a blue star."
 
 
+def test_a_scene_asks_several_yes_no_relations_each_right():
+    """Up to YES_NO_RELATIONS yes/no relation questions a scene, on different ordered pairs, every answer read off
+    the positions by hand: the red circle is left of and below the blue star, the green heart is right of it."""
+    from minimind_v.data.world_questions import YES_NO_RELATIONS, relation
+
+    spread = Scene((Thing("circle", "red", 0.15, 0.8, 0.08), Thing("star", "blue", 0.5, 0.2, 0.08),
+                    Thing("heart", "green", 0.85, 0.8, 0.08)))
+    truth = {("red circle", "blue star"): {"left of": "yes", "right of": "no", "above": "no", "below": "yes"},
+             ("green heart", "blue star"): {"left of": "no", "right of": "yes", "above": "no", "below": "yes"},
+             ("red circle", "green heart"): {"left of": "yes", "right of": "no"}}  # same height: never above/below
+    for a, b in list(truth):
+        truth[b, a] = {w: ("no" if a_ == "yes" else "yes") for w, a_ in truth[a, b].items()}
+    sizes = set()
+    for seed in range(50):
+        asked = [(q, a) for q, a, skill in relation(spread, random.Random(seed)) if skill == "relation (yes/no)"]
+        assert len({q for q, _ in asked}) == len(asked)
+        sizes.add(len(asked))
+        for q, a in asked:
+            first, word, second = next((x, w, y) for (x, y), words in truth.items() for w in words
+                                       if q == f"is the {x} {w} the {y}?")
+            assert truth[first, second][word] == a, q
+    assert max(sizes) == YES_NO_RELATIONS == 3 and min(sizes) >= 1
+
+
 def test_the_world_is_deterministic_and_holds_pairs_out_of_training(tmp_path):
     counts = write_world(str(tmp_path / "a"), 60, 40, seed=5)
     write_world(str(tmp_path / "b"), 60, 40, seed=5)

@@ -60,7 +60,7 @@ MODEL = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_
 SIZES = {
     "default": DemoSize(preset=MODEL, sft_epochs=5),
     # easy-vqa and the visual world's skills (counting, relations, binding, existence, reading, captions)
-    "world": DemoSize(preset=MODEL, world=28000, packing=True, share_prefix=4),
+    "world": DemoSize(preset=MODEL, world=26000, packing=True, share_prefix=4),
     # CI's reduced chain: every stage and every evaluation (a small world included), in a few minutes
     "quick": DemoSize(preset=MODEL, sft_epochs=1, batch_size=16, limit=256, renders=40, eval_renders=20, world=30,
                       world_test=20, packing=True, share_prefix=4),

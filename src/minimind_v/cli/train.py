@@ -235,5 +235,5 @@ def add_other_parsers(sub) -> None:
     demo.add_argument("--out", default="minimind-v-demo", help="folder for its data, runs, report and samples")
     demo.add_argument("--size", default="default", choices=["default", "world", "quick"],  # demo.SIZES
                       help="default: easy-vqa's skills (~10 min on a 2-core CPU); world: and the visual world's "
-                           "(~27 min); quick: a reduced chain in a few minutes")
+                           "(~28 min); quick: a reduced chain in a few minutes")
     demo.set_defaults(func=cmd_demo)

@@ -2,7 +2,7 @@
 
     count                   "how many shapes / red shapes / stars are there?" -> "0".."6"
     relation (yes/no)       "is the red star left of the blue circle?" -> yes/no (only for pairs clearly apart):
-                            two named things' positions compared
+                            two named things' positions compared; up to three a scene, on different ordered pairs
     relation (which)        "what is left of the blue circle?" -> "red star" (only when exactly one thing is, so
                             it is also the leftmost thing: a different, easier skill, scored apart)
     binding                 "what color is the triangle?" / "what is the red shape?" among distractors
@@ -23,6 +23,7 @@ from .world import KINDS, PLURAL, Scene, caption
 
 DESCRIBE = "describe the image."  # the caption question (the demo asks it of easy-vqa's images too)
 APART = 0.18  # how far apart (fraction of the canvas) two things must be for a relation question
+YES_NO_RELATIONS = 3  # yes/no relation questions a scene (ordered pairs apart; the slowest skill to learn)
 RELATIONS = {"left of": lambda a, b: b.x - a.x, "right of": lambda a, b: a.x - b.x,
              "above": lambda a, b: b.y - a.y, "below": lambda a, b: a.y - b.y}
 
@@ -54,7 +55,8 @@ def relation(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
         if abs(gap(a, b)) > APART:
             out.append((f"is the {a.name} {word} the {b.name}?", "yes" if gap(a, b) > 0 else "no",
                         "relation (yes/no)"))
-            break
+            if len(out) == YES_NO_RELATIONS:
+                break
     for b in rng.sample(list(scene.things), len(scene.things)):
         word, gap = rng.choice(list(RELATIONS.items()))
         ahead = [t for t in scene.things if t is not b and gap(t, b) > APART]
