@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ def test_interactive_chat_in_a_pseudo_terminal(model_dir):
         child.sendline("/image /no/such/file.png")
         child.expect(r"\[error: image /no/such/file.png: missing image")
         child.expect("you> ")
+        time.sleep(0.5)  # as a person would: Python's readline loop misses a signal that lands before it waits
         child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, the session goes on
         child.expect(r"\[Ctrl-D or /quit to leave\]")
         child.expect("you> ")
