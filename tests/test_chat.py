@@ -4,8 +4,8 @@ import io
 import json
 import os
 import subprocess
+import signal
 import sys
-import time
 
 import pytest
 import torch
@@ -25,8 +25,10 @@ def engine_for(model_dir) -> Engine:
 
 
 def test_interactive_chat_in_a_pseudo_terminal(model_dir):
+    # Ctrl-C as at a terminal, however the tests were started (a background job inherits SIGINT ignored)
     child = pexpect.spawn(sys.executable, ["-m", "minimind_v.cli", "chat", str(model_dir), "--max-new-tokens", "6"],
-                          encoding="utf-8", timeout=120)
+                          encoding="utf-8", timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         child.expect("you> ")
         child.sendline(f"/image {model_dir.parent / 'blue.png'}")
@@ -42,7 +44,6 @@ def test_interactive_chat_in_a_pseudo_terminal(model_dir):
         child.sendline("/image /no/such/file.png")
         child.expect(r"\[error: image /no/such/file.png: missing image")
         child.expect("you> ")
-        time.sleep(0.5)  # as a person would: Python's readline loop misses a signal that lands before it waits
         child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, the session goes on
         child.expect(r"\[Ctrl-D or /quit to leave\]")
         child.expect("you> ")
