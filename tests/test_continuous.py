@@ -55,10 +55,10 @@ def engine(request, clip_dir, tokenizer):
     return Engine(model, tokenizer)
 
 
-@pytest.mark.parametrize("fixed", [False, True])
-def test_interleaved_arrivals_answer_as_each_request_alone(engine, fixed):
+@pytest.mark.parametrize("fixed, overlap", [(False, False), (True, False), (False, True), (True, True)])
+def test_interleaved_arrivals_answer_as_each_request_alone(engine, fixed, overlap):
     expected = alone(engine)
-    batch = ContinuousBatch(engine, slots=3)
+    batch = ContinuousBatch(engine, slots=3, overlap=overlap)  # overlapped: one step launched ahead (GPU default)
     if fixed:  # the fixed-shape step (a CUDA graph on a GPU), here without a graph
         batch.pool = SlotPool(engine.model, 3, batch.max_len, fixed=True)
     got = interleaved(batch, requests(), arrivals=[0, 0, 2, 3, 3, 9, 10])
@@ -69,6 +69,35 @@ def test_interleaved_arrivals_answer_as_each_request_alone(engine, fixed):
     assert batch.pool.keys[0].shape[:1] == (3,)  # one pool of 3 slots, whatever ran
 
 
+def test_an_overlapped_step_hands_over_the_previous_steps_tokens(engine):
+    """Launched ahead: a step's deltas come one call later; a row that ended (EOS, stop string) in the step handed
+    over was already in the next one, whose token for it is dropped; greedy rows stay on the device."""
+    todo = [GenerationRequest(text="tell me", params=SamplingParams(max_new_tokens=6, ignore_eos=True)),
+            GenerationRequest(text="tell me more", params=SamplingParams(max_new_tokens=3, ignore_eos=True))]
+    expected = [engine.generate([r])[0] for r in todo]
+    batch = ContinuousBatch(engine, slots=2, overlap=True)
+    first = batch.admit([(0, todo[0], None), (1, todo[1], None)])
+    assert batch.step() == [] and batch.inflight is not None  # step 1 in flight, nothing handed over yet
+    calls, results = 1, {k: d.result for k, d in first if d.result}
+    while batch.active:
+        results.update({k: d.result for k, d in batch.step() if d.result})
+        calls += 1
+    assert [results[i].token_ids for i in range(2)] == [r.token_ids for r in expected]
+    assert calls == 6 and batch.inflight is None  # 5 steps for the longer row, plus the call that handed over the last
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_row_that_needs_its_logits_on_the_host_makes_the_batch_step_in_lockstep(engine, overlap):
+    def todo():
+        out = requests()
+        out[2].params = SamplingParams(max_new_tokens=9, repetition_penalty=1.3)
+        return out
+
+    expected = [engine.generate([r])[0] for r in todo()]
+    got = interleaved(ContinuousBatch(engine, slots=4, overlap=overlap), todo(), arrivals=[0, 0, 3, 4, 4, 8, 12])
+    assert [got[i].token_ids for i in range(7)] == [r.token_ids for r in expected]
+
+
 def test_everything_at_once_and_one_by_one_give_the_same_answers(engine):
     batch = ContinuousBatch(engine, slots=8)
     together = interleaved(batch, requests(), arrivals=[0] * 7)
@@ -77,7 +106,7 @@ def test_everything_at_once_and_one_by_one_give_the_same_answers(engine):
 
 
 def test_a_cancelled_request_frees_its_slot_at_the_next_step(engine):
-    batch = ContinuousBatch(engine, slots=2)
+    batch = ContinuousBatch(engine, slots=2, overlap=False)
     todo = requests()
     for r in todo[:2]:
         r.params.max_new_tokens = 40
@@ -127,7 +156,7 @@ def test_hugging_face_backbones_batch_continuously(kind, clip_dir, tmp_path):
 def test_sampled_rows_are_warped_together_as_transformers_warps_each():
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    from minimind_v.generation.sampling import batchable, sample_batch, warp_batch
+    from minimind_v.generation.sampling import batchable, draw_batch, warp_batch
 
     torch.manual_seed(0)
     logits = torch.randn(6, 300) * 3  # [n, V]
@@ -144,19 +173,20 @@ def test_sampled_rows_are_warped_together_as_transformers_warps_each():
         kept = ~torch.isinf(expected[0])
         assert torch.allclose(warped[row][kept], expected[0][kept], atol=1e-6), row
     assert (~torch.isinf(warped[4])).sum() == 1  # top_k 1
-    tokens = sample_batch(logits, params, torch.Generator().manual_seed(1))
+    tokens = draw_batch(logits, params, torch.Generator().manual_seed(1)).tolist()
     assert all(not torch.isinf(warped[row, token]) for row, token in enumerate(tokens))
     assert [batchable(p) for p in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, seed=3),
                                    SamplingParams(temperature=1.0, repetition_penalty=1.2), SamplingParams())] == \
         [True, False, False, False]
 
 
-def test_unseeded_sampled_rows_run_beside_greedy_and_seeded_ones(engine):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_unseeded_sampled_rows_run_beside_greedy_and_seeded_ones(engine, overlap):
     todo = requests()
     for request in todo[:3]:  # three unseeded sampled rows in the batch as well
         request.params = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=20, top_p=0.9)
     expected = alone(engine)
-    got = interleaved(ContinuousBatch(engine, slots=8), todo, arrivals=[0] * 7)
+    got = interleaved(ContinuousBatch(engine, slots=8, overlap=overlap), todo, arrivals=[0] * 7)
     for i in range(3, 7):  # greedy and seeded answers do not depend on what else runs
         assert got[i].token_ids == expected[i].token_ids, i
     vocab = len(engine.tokenizer)

@@ -255,3 +255,21 @@ def test_incremental_text_equals_decoding_the_whole_answer(engine, tokenizer):
     assert any("\ufffd" in r.text for r in results)  # the case this is about did occur
     for text, result in zip(streamed, results):
         assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("which", ["tests", "default"])
+def test_the_fast_text_decoder_gives_the_tokenizers_text(tokenizer, which):
+    """Rows decode through the tokenizer's Rust backend: the same text as tokenizer.decode, special tokens,
+    broken UTF-8 and all."""
+    from minimind_v.data.tokenizer import load_tokenizer
+    from minimind_v.generation.rows import text_decoder
+
+    tok = tokenizer if which == "tests" else load_tokenizer(None)
+    decode = text_decoder(tok)
+    assert decode != tok.decode  # the backend's, not the wrapper
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        ids = torch.randint(0, len(tok), (int(torch.randint(1, 12, (1,), generator=generator)),),
+                            generator=generator).tolist()
+        for skip in (True, False):
+            assert decode(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip), ids

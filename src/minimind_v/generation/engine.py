@@ -27,7 +27,7 @@ from ..models.image_features import ImageFeatures
 from ..models.vision_tower import image2tensor
 from .kv_cache import PreallocatedCache
 from .requests import GenerationRequest, GenerationResult, PromptEncoder, RequestError, StreamDelta
-from .rows import Row
+from .rows import Row, text_decoder
 from .sampling import TokenChooser
 from .static_decode import DecoderPool, static_possible
 
@@ -59,6 +59,7 @@ class Engine:
         self.eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos_ids.discard(None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.detokenize = text_decoder(tokenizer)  # ids -> text, as tokenizer.decode
         self.prompts = PromptEncoder(tokenizer, model.config, takes_images=self.features is not None)
         self.context = self.prompts.context
         self.lock = threading.Lock()
@@ -104,7 +105,7 @@ class Engine:
         rows = []
         for r in requests:
             ids = self.encode(r)
-            rows.append(Row(self.tokenizer.decode, self.eos_ids, ids, r.params,
+            rows.append(Row(self.detokenize, self.eos_ids, ids, r.params,
                             min(r.params.max_new_tokens, self.context - len(ids))))
         with self.lock:
             yield from self._decode(rows, requests)

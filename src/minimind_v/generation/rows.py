@@ -8,6 +8,15 @@ from typing import Callable
 from .sampling import SamplingParams
 
 
+def text_decoder(tokenizer) -> Callable[..., str]:
+    """The tokenizer's decode (ids, skip_special_tokens=...) -> text, taken from its Rust backend when that gives
+    the same text (no clean-up of spaces after it): a third of the time per call, and a row decodes at every token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer.decode
+    return backend.decode
+
+
 class Row:
     """One request's decoding state: tokens, the text released so far, stop handling."""
 

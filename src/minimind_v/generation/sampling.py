@@ -133,9 +133,12 @@ def batchable(params: SamplingParams) -> bool:
 def warp_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The temperature, top-k and top-p warpers of TokenChooser, every row with its own settings at once:
     logits [n, V] -> scores [n, V] (removed tokens -inf), equal to transformers' warpers row by row."""
-    scores = logits.float() / torch.tensor([p.temperature for p in params], device=logits.device)[:, None]  # [n, V]
-    k = torch.tensor([p.top_k if p.top_k > 0 else scores.shape[-1] for p in params], device=logits.device)  # [n]
-    top_p = torch.tensor([p.top_p for p in params], device=logits.device)[:, None]  # [n, 1]
+    def send(values: list) -> torch.Tensor:  # without waiting for the device's queued work
+        return torch.tensor(values).to(logits.device, non_blocking=True)
+
+    scores = logits.float() / send([float(p.temperature) for p in params])[:, None]  # [n, V]
+    k = send([p.top_k if p.top_k > 0 else scores.shape[-1] for p in params])  # [n]
+    top_p = send([float(p.top_p) for p in params])[:, None]  # [n, 1]
     ordered, order = scores.sort(dim=-1, descending=True)  # [n, V]
     rank = torch.arange(scores.shape[-1], device=logits.device)[None, :]  # [1, V]
     kth = ordered.gather(-1, (k - 1).clamp(max=scores.shape[-1] - 1)[:, None])  # [n, 1]: the k-th largest score
@@ -147,8 +150,8 @@ def warp_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tens
     return torch.full_like(scores, float("-inf")).scatter(-1, order, ordered)  # [n, V], in vocabulary order
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None = None) \
-        -> list[int]:
-    """One draw per row from warp_batch's distribution: logits [n, V] -> n token ids."""
+def draw_batch(logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None = None) \
+        -> torch.Tensor:
+    """One draw per row from warp_batch's distribution: logits [n, V] -> token ids [n], on the logits' device."""
     probs = warp_batch(logits, params).softmax(-1)  # [n, V]
-    return torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -6,6 +6,13 @@
     step()            one token for every running request, each at its own position, in one forward pass
     a request that ends (EOS, a stop string, its limit, cancelled, past its deadline) frees its slot at once
 
+Overlapped (on a GPU, while every running row is greedy or drawn with the batch): the tokens a step chooses stay on
+the device as the next step's input, so `step()` launches step N + 1 first and only then reads step N's tokens
+back and handles its rows (text, stop strings, ends) while the GPU computes: the host's work per step hides behind
+the device's instead of adding to it. The price: a step's deltas come one call later, and a row that ended at
+step N (EOS, a stop string) was already in step N + 1, whose token for it is dropped. Rows with their own random
+generator or a repetition penalty need their logits on the host, so a batch with such a row steps in lockstep.
+
 Both return (key, StreamDelta) pairs: the caller's key of the request, and its new text (the last delta of a
 request carries its result). KV memory is the pool's, allocated once: a request is admitted only into a free slot,
 and a request needs its prompt plus at least one new token to fit a slot (`check`). Greedy answers do not depend on
@@ -23,7 +30,7 @@ from .engine import Engine
 from .kv_cache import PreallocatedCache
 from .requests import GenerationRequest, GenerationResult, RequestError, StreamDelta
 from .rows import Row
-from .sampling import TokenChooser, batchable, sample_batch
+from .sampling import TokenChooser, batchable, draw_batch
 from .slots import SlotPool
 
 
@@ -37,16 +44,25 @@ class Running:
     chooser: TokenChooser
     start: float
     deadline: float | None
-    length: int = 0
-    pending: int = 0
+    length: int = 0  # positions filled, counting the step in flight
+    launched: int = 0  # tokens chosen or being chosen: the prefill's and one per step launched
     first_token: float = 0.0
+
+
+@dataclass
+class InFlight:
+    """A launched step: its rows (slot, Running), its chosen tokens on their way to the host, and when they are
+    there."""
+    items: list[tuple[int, Running]]
+    tokens: torch.Tensor  # [n]: by slot
+    arrived: object  # torch.cuda.Event, or None on a CPU
 
 
 class ContinuousBatch:
     """Up to `slots` requests decoding together over `engine`'s model; each holds at most `max_len` positions
-    (default: the model's context)."""
+    (default: the model's context). `overlap`: launch a step before handling the previous one (default: on a GPU)."""
 
-    def __init__(self, engine: Engine, slots: int = 64, max_len: int | None = None):
+    def __init__(self, engine: Engine, slots: int = 64, max_len: int | None = None, overlap: bool | None = None):
         self.engine, self.model = engine, engine.model
         self.max_len = min(max_len or engine.context, engine.context)
         # CUDA graphs where the engine uses them; on a CPU step by step (a compiled fixed-shape step was slower here)
@@ -54,6 +70,15 @@ class ContinuousBatch:
         compile = fixed and engine.decoders.compile
         self.pool = SlotPool(self.model, slots, self.max_len, fixed=fixed, compile=compile)
         self.running: list[Running | None] = [None] * slots
+        self.overlap = engine.device.type == "cuda" if overlap is None else overlap
+        self.next_ids = torch.full((slots, 1), engine.pad_id, dtype=torch.long, device=engine.device)  # [slots, 1]
+        self.inflight: InFlight | None = None
+        # where chosen tokens land on the host: two buffers for steps (one in flight, one being read), one for
+        # prefills; pinned and allocated once on a GPU (freeing pinned memory mid-run can break a graph's capture)
+        on_gpu = engine.device.type == "cuda"
+        self.landing = [torch.zeros(slots, dtype=torch.long, pin_memory=on_gpu) for _ in range(3)]
+        self.arrived = [torch.cuda.Event() if on_gpu else None for _ in range(3)]
+        self.flip = 0
 
     @property
     def active(self) -> int:
@@ -79,33 +104,71 @@ class ContinuousBatch:
         for key, request, deadline in entries:
             ids = self.check(request)
             slot = self.running.index(None, slots[-1] + 1 if slots else 0)
-            row = Row(self.engine.tokenizer.decode, self.engine.eos_ids, ids, request.params,
+            row = Row(self.engine.detokenize, self.engine.eos_ids, ids, request.params,
                       min(request.params.max_new_tokens, self.max_len - len(ids)))
             slots.append(slot)
             running.append(Running(key, request, row, TokenChooser(request.params, self.engine.device), start,
                                    deadline, length=len(ids)))
         with torch.inference_mode():
             logits = self._prefill(running, slots)  # [k, V]
+            tokens = self._choose(list(enumerate(running)), logits)  # [k]
+            self.next_ids[self._send(slots)] = tokens[:, None]
         for slot, item in zip(slots, running):
-            self.running[slot] = item
-        return self._advance(list(zip(slots, running)), logits)
+            self.running[slot], item.launched = item, 1
+        first = self._land(tokens, 2)
+        return self._collect(InFlight(list(zip(slots, running)), *first), by_slot=False)
 
     def step(self) -> list[tuple[object, StreamDelta]]:
-        """One token for every running request."""
-        used = max((i for i, r in enumerate(self.running) if r is not None), default=-1) + 1
-        if not used:
-            return []
-        live = [(i, r) for i, r in enumerate(self.running[:used]) if r is not None]
-        pad = self.engine.pad_id
-        ids = torch.tensor([[r.pending if r is not None else pad] for r in self.running[:used]],
-                           device=self.engine.device)  # [n, 1]
-        where = torch.tensor([[r.length if r is not None else 0] for r in self.running[:used]],
-                             device=self.engine.device)  # [n, 1]
+        """One token for every running request; overlapped: launch this step, then hand over the previous one's."""
+        if self.overlap and all(self._on_device(r) for r in self.running if r is not None):
+            launched = self._launch(self._generating())
+            out, self.inflight = self._collect(self.inflight), launched
+            return out
+        out, self.inflight = self._collect(self.inflight), None
+        return out + self._collect(self._launch(self._generating()))
+
+    def _generating(self) -> list[tuple[int, Running]]:
+        """The rows that still need a token (one whose last token is in flight does not)."""
+        return [(i, r) for i, r in enumerate(self.running) if r is not None and r.launched < r.row.max_new]
+
+    def _launch(self, live: list[tuple[int, Running]]) -> InFlight | None:
+        """Run one decode step for `live` rows (slots 0 .. used - 1: the others feed a stale token at position 0,
+        seeing only itself); the chosen tokens become each slot's next input on the device."""
+        if not live:
+            return None
+        used = live[-1][0] + 1
+        where, filled = [0] * used, 0
+        for slot, r in live:
+            where[slot], filled = r.length, max(filled, r.length + 1)
         with torch.inference_mode():
-            logits = self.pool.decode(ids, where)  # [n', V]
+            logits = self.pool.decode(self.next_ids[:used], self._send(where)[:, None], filled)  # [n', V]
+            tokens = self._choose(live, logits)  # [n']
+            self.next_ids[:used] = tokens[:used, None]
         for _, r in live:
-            r.length += 1
-        return self._advance(live, logits[[i for i, _ in live]])
+            r.length, r.launched = r.length + 1, r.launched + 1
+        self.flip ^= 1
+        return InFlight(live, *self._land(tokens[:used], self.flip))
+
+    def _land(self, tokens: torch.Tensor, buffer: int) -> tuple[torch.Tensor, object]:
+        """Start copying tokens [n] into host buffer `buffer`: (its first n entries, the event that says they are
+        there, or None on a CPU)."""
+        host = self.landing[buffer][:tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        if self.arrived[buffer] is not None:
+            self.arrived[buffer].record()
+        return host, self.arrived[buffer]
+
+    def _collect(self, flight: InFlight | None, by_slot: bool = True) -> list[tuple[object, StreamDelta]]:
+        """Hand over a launched step's tokens (by slot; else in the order of its rows) to its rows that still run
+        (one ended meanwhile is skipped)."""
+        if flight is None:
+            return []
+        if flight.arrived is not None:
+            flight.arrived.synchronize()  # waits without holding the GIL: the event loop runs meanwhile
+        tokens = flight.tokens.tolist()
+        items = [(k, slot, r) for k, (slot, r) in enumerate(flight.items) if self.running[slot] is r]
+        chosen = [tokens[slot if by_slot else k] for k, slot, _ in items]
+        return self._push([(slot, r) for _, slot, r in items], chosen)
 
     def expire(self, now: float | None = None) -> list[tuple[object, StreamDelta]]:
         """End every running request that is cancelled ("cancelled") or past its deadline ("timeout"); the text
@@ -126,7 +189,7 @@ class ContinuousBatch:
     def clear(self) -> list[object]:
         """Free every slot (after an error): the keys of the requests that were running."""
         keys = [r.key for r in self.running if r is not None]
-        self.running = [None] * len(self.running)
+        self.running, self.inflight = [None] * len(self.running), None
         return keys
 
     def warm_up(self) -> None:
@@ -145,23 +208,19 @@ class ContinuousBatch:
         ids, mask, features = self.engine.prepare([r.request for r in running], prompts)  # [k, L], [k, L]
         length = ids.shape[1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [k, L]
-        padded = bool((mask == 0).any())
+        pads = [length - len(prompt) for prompt in prompts]
         cache = PreallocatedCache(self.model.config.num_hidden_layers, length)
-        out = self.model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
+        out = self.model(input_ids=ids, attention_mask=mask if any(pads) else None, position_ids=positions,
                          image_features=features, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for i, (slot, prompt) in enumerate(zip(slots, prompts)):
-            pad = length - len(prompt)
-            self.pool.store(slot, [(layer.keys[i, :, pad:], layer.values[i, :, pad:]) for layer in cache.layers])
+        self.pool.store(slots, pads, [(layer.keys, layer.values) for layer in cache.layers])
         return out.logits[:, -1]
 
-    def _advance(self, items: list[tuple[int, Running]], logits: torch.Tensor) -> list[tuple[object, StreamDelta]]:
-        """Choose each row's next token from logits [k, V]; push it; free the slots of rows that ended."""
-        tokens = self._choose(items, logits)
+    def _push(self, items: list[tuple[int, Running]], tokens: list[int]) -> list[tuple[object, StreamDelta]]:
+        """Push each row its token; free the slots of rows that ended."""
         now, out = time.perf_counter(), []
         for (slot, r), token in zip(items, tokens):
             r.first_token = r.first_token or now
             delta = r.row.push(token)
-            r.pending = token
             if r.row.finish is not None:
                 out.append((r.key, StreamDelta(0, delta, self._result(r))))
                 self.running[slot] = None
@@ -169,18 +228,29 @@ class ContinuousBatch:
                 out.append((r.key, StreamDelta(0, delta)))
         return out
 
+    def _choose(self, items: list[tuple[int, Running]], logits: torch.Tensor) -> torch.Tensor:
+        """Next tokens for logits [n, V], row `i` of logits for each (i, Running) of `items` -> [n] on the logits'
+        device: greedy rows by argmax, unseeded sampled rows drawn together (sampling.batchable), the others
+        (seeded, repetition penalty) by their own chooser. Nothing here waits for the device but those others."""
+        tokens = logits.argmax(-1)  # [n]
+        together = [(i, r.chooser.params) for i, r in items if batchable(r.chooser.params)]
+        if together:
+            rows = self._send([i for i, _ in together])
+            tokens[rows] = draw_batch(logits[rows], [p for _, p in together])
+        for i, r in items:
+            if not self._on_device(r) and not batchable(r.chooser.params):
+                history = torch.tensor([r.row.prompt_ids + r.row.tokens], device=logits.device)
+                tokens[i] = r.chooser(history, logits[i:i + 1])
+        return tokens
+
     @staticmethod
-    def _choose(items: list[tuple[int, Running]], logits: torch.Tensor) -> list[int]:
-        """Next tokens for logits [k, V]: greedy rows by argmax, unseeded sampled rows drawn together
-        (sampling.batchable), the others (seeded, repetition penalty) by their own chooser."""
-        params = [r.chooser.params for _, r in items]
-        if all(not r.chooser.processors and p.greedy for (_, r), p in zip(items, params)):
-            return logits.argmax(-1).tolist()
-        together = [k for k, p in enumerate(params) if batchable(p)]
-        drawn = dict(zip(together, sample_batch(logits[together], [params[k] for k in together]))) if together else {}
-        return [drawn[k] if k in drawn else
-                r.chooser(torch.tensor([r.row.prompt_ids + r.row.tokens], device=logits.device), logits[k:k + 1])
-                for k, (_, r) in enumerate(items)]
+    def _on_device(r: Running) -> bool:
+        """Whether the row's next token is chosen without its logits on the host."""
+        return batchable(r.chooser.params) or (r.chooser.params.greedy and not r.chooser.processors)
+
+    def _send(self, values: list[int]) -> torch.Tensor:
+        """Host ints -> a tensor on the device, without waiting for the device's queued work."""
+        return torch.tensor(values, dtype=torch.long).to(self.engine.device, non_blocking=True)
 
     @staticmethod
     def _result(r: Running) -> GenerationResult:

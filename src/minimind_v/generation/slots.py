@@ -2,14 +2,14 @@
 
     SlotPool     per layer keys and values [slots, Hkv, max_len, D], allocated once (at the first prefill stored);
                  a slot holds one request's prompt and answer so far, at positions 0 .. length - 1
-    store        a prefilled request's keys/values [Hkv, L, D] per layer -> its slot's first L positions
+    store        prefilled requests' keys/values per layer -> each one's slot's first positions
     decode       one token for each of the first n slots, every row at its own position:
                  tokens [n] at positions [n] -> logits [n, V]; each row writes its new key/value at its position
                  (scatter) and attends to positions 0 .. its position (a boolean mask [n, 1, 1, T])
 
-Rows of the step whose slot is free run too (a pad token at position 0, seeing only itself) and are ignored, so a
-step covers slots 0 .. n - 1 whatever is free among them. Step by step (eager) a step covers the used slots and
-the filled positions, rounded up to BUCKET. With fixed shapes (`SlotPool(fixed=True)`: CUDA graphs, compiled
+Rows of the step whose slot is free run too (the slot's last token, or a pad token, at position 0, seeing only
+itself) and are ignored, so a step covers slots 0 .. n - 1 whatever is free among them. Step by step (eager) a
+step covers the used slots and the filled positions, rounded up to BUCKET. With fixed shapes (`SlotPool(fixed=True)`: CUDA graphs, compiled
 first with `compile`) a step covers a power-of-two number of slots (at least MIN_ROWS) and a power-of-two multiple
 of BUCKET positions, so a few shapes serve every mix of requests; each shape is captured (or compiled) once: those
 up to WARM_SPAN positions at `warm_up`, longer ones at their first use.
@@ -120,15 +120,25 @@ class SlotPool:
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def store(self, slot: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Per layer (keys, values) [Hkv, L, D] of one prefilled prompt -> the slot's positions 0 .. L - 1."""
+    def store(self, slots: list[int], pads: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Per layer (keys, values) [k, Hkv, L, D] of k prefilled prompts, row i left-padded by pads[i] -> slot
+        slots[i]'s positions 0 .. L - pads[i] - 1 (one gather and one scatter per layer and tensor for all rows)."""
         if not self.allocated:
             for k, v in layers:
-                self.keys.append(k.new_zeros(self.slots, k.shape[0], self.max_len, k.shape[2]))
-                self.values.append(v.new_zeros(self.slots, v.shape[0], self.max_len, v.shape[2]))
+                self.keys.append(k.new_zeros(self.slots, k.shape[1], self.max_len, k.shape[3]))
+                self.values.append(v.new_zeros(self.slots, v.shape[1], self.max_len, v.shape[3]))
+        length = layers[0][0].shape[2]
+        rows, columns, targets, positions = [], [], [], []
+        for i, (slot, pad) in enumerate(zip(slots, pads)):
+            rows += [i] * (length - pad)
+            columns += range(pad, length)
+            targets += [slot] * (length - pad)
+            positions += range(length - pad)
+        rows, columns, targets, positions = (torch.tensor(x).to(self.device, non_blocking=True)
+                                             for x in (rows, columns, targets, positions))  # [N] each
         for i, (k, v) in enumerate(layers):
-            self.keys[i][slot, :, :k.shape[1]] = k
-            self.values[i][slot, :, :v.shape[1]] = v
+            self.keys[i][targets, :, positions] = k[rows, :, columns]  # [N, Hkv, D]
+            self.values[i][targets, :, positions] = v[rows, :, columns]
 
     def rows_for(self, used: int) -> int:
         """How many slots a step covers when slots 0 .. used - 1 may hold requests."""
@@ -136,14 +146,15 @@ class SlotPool:
             return used
         return min(max(1 << (used - 1).bit_length(), MIN_ROWS), self.slots)
 
-    def decode(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    def decode(self, ids: torch.Tensor, where: torch.Tensor, filled: int | None = None) -> torch.Tensor:
         """ids [n, 1] (the tokens to feed), where [n, 1] (their positions) -> next-token logits [n', V], n' >= n
-        (rows past n are pad rows)."""
+        (rows past n are pad rows). `filled`: where.max() + 1 when the caller knows it (reading it from a GPU
+        would wait for the device)."""
         rows = self.rows_for(ids.shape[0])
         if rows > ids.shape[0]:  # pad rows: a pad token at position 0
             extra = rows - ids.shape[0]
             ids, where = torch.cat([ids, ids.new_zeros(extra, 1)]), torch.cat([where, where.new_zeros(extra, 1)])
-        span = self.span_for(int(where.max()) + 1)
+        span = self.span_for(filled if filled is not None else int(where.max()) + 1)
         if self.fixed:
             if (rows, span) not in self.steps:
                 self.steps[rows, span] = FixedStep(self, rows, span)

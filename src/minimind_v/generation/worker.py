@@ -8,7 +8,7 @@ from a stream.
     iterate the Job (sync or async) <--  each StreamDelta, an exception, or the end
 
 A job's text is handed over at once for its first token and its end, else at most every STREAM_INTERVAL_S (one
-piece per 20 ms instead of one per token: far fewer events for the server to write when it decodes fast). A consumer
+piece per 50 ms instead of one per token: far fewer events for the server to write when it decodes fast). A consumer
 that stops reading only leaves pieces in its job's buffer (at most one per generated token); `job.cancel()`
 ends the job at the next decode step when it is running, or drops it unrun when it is waiting. A request past its
 `timeout` ends with finish_reason "timeout" (waiting or running). An exception inside the engine goes to the jobs it
@@ -32,7 +32,8 @@ from .scheduler import ContinuousBatch
 logger = logging.getLogger(__name__)
 PREFILL_TOKENS = 8192  # prompt tokens admitted per step at most (at least one request): running requests wait less
 ADMIT_WAIT_S = 0.02  # while a batch runs, waiting requests gather until a group fills or the oldest waited this long
-STREAM_INTERVAL_S = 0.02  # a job's text is handed over at most this often (its first text and its end at once)
+STREAM_INTERVAL_S = 0.05  # a job's text is handed over at most this often (its first text and its end at once);
+# 20 fps reads as smooth, and on the H200 64 clients got 22.3k tokens/s against 20.8k at 20 ms (one run)
 
 
 class ServerBusy(RuntimeError):
