@@ -9,10 +9,11 @@
 
 Rows of the step whose slot is free run too (the slot's last token, or a pad token, at position 0, seeing only
 itself) and are ignored, so a step covers slots 0 .. n - 1 whatever is free among them. Step by step (eager) a
-step covers the used slots and the filled positions, rounded up to BUCKET. With fixed shapes (`SlotPool(fixed=True)`: CUDA graphs, compiled
-first with `compile`) a step covers a power-of-two number of slots (at least MIN_ROWS) and a power-of-two multiple
-of BUCKET positions, so a few shapes serve every mix of requests; each shape is captured (or compiled) once: those
-up to WARM_SPAN positions at `warm_up`, longer ones at their first use.
+step covers the used slots and the filled positions, rounded up to BUCKET. With fixed shapes
+(`SlotPool(fixed=True)`: CUDA graphs, compiled first with `compile`) a step covers a power-of-two number of slots
+(at least MIN_ROWS) and a power-of-two multiple of BUCKET positions, so a few shapes serve every mix of requests;
+each shape is captured (or compiled) once: those up to WARM_SPAN positions at `warm_up`, longer ones at their first
+use.
 Rotary positions are the slot positions: prompts are prefilled with positions counted from 0 in every row.
 """
 
