@@ -191,3 +191,23 @@ def test_a_prompt_longer_than_a_slot_is_refused_at_submit(engine):
         assert worker.waiting == 0
     finally:
         worker.stop(timeout=5)
+
+
+def test_an_overlapped_worker_answers_as_each_alone_cancels_and_stops(engine):
+    """The GPU's way (a step launched before the previous one is handed over), here on the CPU: the same answers,
+    a cancelled job ends, stop() ends the rest."""
+    worker = EngineWorker(engine, max_batch=4)
+    worker.batch.overlap = True
+    prompts = [f"question number {i}" for i in range(6)]
+    try:
+        alone = [engine.generate([ask(p, tokens=5 + i)])[0].token_ids for i, p in enumerate(prompts)]
+        jobs = [worker.submit(ask(p, tokens=5 + i)) for i, p in enumerate(prompts)]
+        assert [job.result().token_ids for job in jobs] == alone
+        long, other = worker.submit(ask(tokens=400)), worker.submit(ask(tokens=400))
+        first = next(iter(long))  # running
+        long.cancel()
+        result = long.result()
+        assert result.finish_reason == "cancelled" and first.text is not None and len(result.token_ids) < 400
+    finally:
+        assert worker.stop(timeout=5)
+    assert other.result().finish_reason == "cancelled" and worker.running == 0
