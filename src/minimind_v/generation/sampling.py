@@ -25,6 +25,8 @@ import torch
 from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
+from .static_decode import to_device
+
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 100.0
 MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
@@ -133,12 +135,9 @@ def batchable(params: SamplingParams) -> bool:
 def warp_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The temperature, top-k and top-p warpers of TokenChooser, every row with its own settings at once:
     logits [n, V] -> scores [n, V] (removed tokens -inf), equal to transformers' warpers row by row."""
-    def send(values: list) -> torch.Tensor:  # without waiting for the device's queued work
-        return torch.tensor(values).to(logits.device, non_blocking=True)
-
-    scores = logits.float() / send([float(p.temperature) for p in params])[:, None]  # [n, V]
-    k = send([p.top_k if p.top_k > 0 else scores.shape[-1] for p in params])  # [n]
-    top_p = send([float(p.top_p) for p in params])[:, None]  # [n, 1]
+    scores = logits.float() / to_device([float(p.temperature) for p in params], logits.device)[:, None]  # [n, V]
+    k = to_device([p.top_k if p.top_k > 0 else scores.shape[-1] for p in params], logits.device)  # [n]
+    top_p = to_device([float(p.top_p) for p in params], logits.device)[:, None]  # [n, 1]
     ordered, order = scores.sort(dim=-1, descending=True)  # [n, V]
     rank = torch.arange(scores.shape[-1], device=logits.device)[None, :]  # [1, V]
     kth = ordered.gather(-1, (k - 1).clamp(max=scores.shape[-1] - 1)[:, None])  # [n, 1]: the k-th largest score

@@ -32,6 +32,7 @@ from .requests import GenerationRequest, GenerationResult, RequestError, StreamD
 from .rows import Row
 from .sampling import TokenChooser, batchable, draw_batch
 from .slots import SlotPool
+from .static_decode import to_device
 
 
 @dataclass
@@ -112,7 +113,7 @@ class ContinuousBatch:
         with torch.inference_mode():
             logits = self._prefill(running, slots)  # [k, V]
             tokens = self._choose(list(enumerate(running)), logits)  # [k]
-            self.next_ids[self._send(slots)] = tokens[:, None]
+            self.next_ids[to_device(slots, self.engine.device)] = tokens[:, None]
         for slot, item in zip(slots, running):
             self.running[slot], item.launched = item, 1
         first = self._land(tokens, 2)
@@ -141,7 +142,8 @@ class ContinuousBatch:
         for slot, r in live:
             where[slot], filled = r.length, max(filled, r.length + 1)
         with torch.inference_mode():
-            logits = self.pool.decode(self.next_ids[:used], self._send(where)[:, None], filled)  # [n', V]
+            where = to_device(where, self.engine.device)[:, None]  # [used, 1]
+            logits = self.pool.decode(self.next_ids[:used], where, filled)  # [n', V]
             tokens = self._choose(live, logits)  # [n']
             self.next_ids[:used] = tokens[:used, None]
         for _, r in live:
@@ -235,10 +237,10 @@ class ContinuousBatch:
         tokens = logits.argmax(-1)  # [n]
         together = [(i, r.chooser.params) for i, r in items if batchable(r.chooser.params)]
         if together:
-            rows = self._send([i for i, _ in together])
+            rows = to_device([i for i, _ in together], logits.device)
             tokens[rows] = draw_batch(logits[rows], [p for _, p in together])
         for i, r in items:
-            if not self._on_device(r) and not batchable(r.chooser.params):
+            if not self._on_device(r):
                 history = torch.tensor([r.row.prompt_ids + r.row.tokens], device=logits.device)
                 tokens[i] = r.chooser(history, logits[i:i + 1])
         return tokens
@@ -247,10 +249,6 @@ class ContinuousBatch:
     def _on_device(r: Running) -> bool:
         """Whether the row's next token is chosen without its logits on the host."""
         return batchable(r.chooser.params) or (r.chooser.params.greedy and not r.chooser.processors)
-
-    def _send(self, values: list[int]) -> torch.Tensor:
-        """Host ints -> a tensor on the device, without waiting for the device's queued work."""
-        return torch.tensor(values, dtype=torch.long).to(self.engine.device, non_blocking=True)
 
     @staticmethod
     def _result(r: Running) -> GenerationResult:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .static_decode import Graphed
+from .static_decode import Graphed, to_device
 
 BUCKET = 64  # a step attends over the filled positions rounded up to a multiple of this (a power-of-two one when fixed)
 WARM_SPAN = 256  # fixed steps over at most this many positions are made at warm-up
@@ -135,8 +135,7 @@ class SlotPool:
             columns += range(pad, length)
             targets += [slot] * (length - pad)
             positions += range(length - pad)
-        rows, columns, targets, positions = (torch.tensor(x).to(self.device, non_blocking=True)
-                                             for x in (rows, columns, targets, positions))  # [N] each
+        rows, columns, targets, positions = (to_device(x, self.device) for x in (rows, columns, targets, positions))
         for i, (k, v) in enumerate(layers):
             self.keys[i][targets, :, positions] = k[rows, :, columns]  # [N, Hkv, D]
             self.values[i][targets, :, positions] = v[rows, :, columns]

@@ -137,6 +137,12 @@ def cpu_step_options():
         yield
 
 
+def to_device(values: list, device: torch.device) -> torch.Tensor:
+    """Host numbers -> a tensor on `device`, without waiting for the device's queued work (a blocking copy to a GPU
+    waits for every kernel before it)."""
+    return torch.tensor(values).to(device, non_blocking=True)
+
+
 def static_possible(model) -> bool:
     """Whether the model decodes through one fixed-shape step (graphs on CUDA, compiled steps on a CPU)."""
     return model.supports_static_decode
