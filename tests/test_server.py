@@ -210,24 +210,3 @@ def http(url: str, data: bytes | None = None, headers: dict | None = None) -> tu
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
-
-
-def test_small_bodies_are_prepared_on_the_event_loop_and_large_ones_in_threads(server, monkeypatch):
-    from minimind_v.serving.image_input import ImageDecoder
-
-    calls, run = [], ImageDecoder.run
-
-    async def counted(self, function, *args):
-        calls.append(function.__name__)
-        return await run(self, function, *args)
-
-    monkeypatch.setattr(ImageDecoder, "run", counted)
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    small = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
-    status, body = http(server["url"] + "/v1/chat/completions", small, headers)
-    assert status == 200 and body["usage"]["completion_tokens"] <= 2 and calls == []
-    large = small[:-1] + b" " * 9000 + b"}"  # the same request in a body over 8 KiB
-    status, body = http(server["url"] + "/v1/chat/completions", large, headers)
-    assert status == 200 and calls == ["parse_body", "encode"]
-    status, body = http(server["url"] + "/v1/chat/completions", b'{"model": "tiny", "messages": [', headers)
-    assert status == 400 and body["error"]["code"] == "invalid_json"  # on the loop, the same error

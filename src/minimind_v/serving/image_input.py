@@ -120,11 +120,6 @@ class ImageDecoder:
         """Run other request preparation (JSON parsing, tokenization) in the same threads."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
-    @staticmethod
-    async def now(function, *args):
-        """Run a small piece of request preparation here, on the event loop."""
-        return function(*args)
-
     def _pixels(self, url: str) -> torch.Tensor:
         image = load_image_url(url, self.settings)
         large = max(image.size) >= self.settings.image_limits.work_side

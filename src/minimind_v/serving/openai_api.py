@@ -44,8 +44,6 @@ from .protocol import APIError, ChatCompletionRequest, ContentPart, ServerSettin
 logger = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 LARGE_BODY = 2**20  # bodies over this many bytes are read a few at a time (ImageDecoder.slots)
-SMALL_BODY = 8192  # a body of at most this many bytes is parsed and tokenised on the event loop (a fraction of a ms;
-# handing it to a thread and back costs more under load), a larger one in the decoder's threads
 
 
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
@@ -145,17 +143,14 @@ async def prepare(request: Request, engine: Engine, settings: ServerSettings,
     length = request.headers.get("content-length", "")
     large = not length.isdigit() or int(length) > LARGE_BODY
     async with decoder.slots if large else contextlib.nullcontext():
-        raw = await read_body(request)
-        small = len(raw) <= SMALL_BODY
-        body = await (decoder.now if small else decoder.run)(parse_body, raw)
-        del raw
+        body = await read_body(request, decoder)
         if body.model != settings.model_name:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves "
                                 f"{settings.model_name!r}", "model_not_found", "model")
         if body.n != 1:
             raise APIError(400, "only n=1 is supported", "unsupported_n", "n")
         usage = bool((body.stream_options or {}).get("include_usage"))
-        return await to_generation_request(body, settings, engine, decoder, small), body.stream, usage
+        return await to_generation_request(body, settings, engine, decoder), body.stream, usage
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -173,8 +168,8 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_body(500, f"internal error: {type(err).__name__}", "internal_error")
 
 
-async def read_body(request: Request) -> bytes:
-    """The request body, within the size limit."""
+async def read_body(request: Request, decoder: ImageDecoder) -> ChatCompletionRequest:
+    """The request body (within the size limit), parsed and validated off the event loop."""
     chunks = []
     try:
         async for chunk in request.stream():
@@ -183,13 +178,10 @@ async def read_body(request: Request) -> bytes:
         raise APIError(413, f"the request body is over this server's {err} byte limit", "request_too_large") from None
     except ClientDisconnect:
         raise APIError(400, "the client disconnected while sending the request", "client_disconnected") from None
-    return b"".join(chunks)
-
-
-def parse_body(raw: bytes) -> ChatCompletionRequest:
-    """The body's JSON, validated; 400 naming the first field that is wrong."""
+    raw = b"".join(chunks)
+    del chunks
     try:
-        return ChatCompletionRequest.model_validate_json(raw)
+        return await decoder.run(ChatCompletionRequest.model_validate_json, raw)
     except ValidationError as err:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()))
@@ -211,10 +203,9 @@ def sampling_params(body: ChatCompletionRequest, settings: ServerSettings) -> Sa
 
 
 async def to_generation_request(body: ChatCompletionRequest, settings: ServerSettings, engine: Engine,
-                                decoder: ImageDecoder, small: bool = False) -> GenerationRequest:
+                                decoder: ImageDecoder) -> GenerationRequest:
     """Messages with `<image>` markers, sampling and pixel values of the images, checked cheapest first: image
-    count, sampling values and prompt length before any image is decoded, tokens last (on the event loop for a
-    `small` body)."""
+    count, sampling values and prompt length before any image is decoded, tokens last."""
     messages, urls = [], []
     for message in body.messages:
         parts = ([ContentPart(type="text", text=message.content)] if isinstance(message.content, str)
@@ -236,8 +227,7 @@ async def to_generation_request(body: ChatCompletionRequest, settings: ServerSet
     try:
         engine.check_prompt_size(request)
         request.images = [await decoder.pixels(url) for url in urls]
-        # image counts and context length, before any response starts
-        await (decoder.now if small else decoder.run)(engine.encode, request)
+        await decoder.run(engine.encode, request)  # image counts and context length, before any response starts
     except RequestError as err:
         raise APIError(400, str(err), "invalid_prompt", "messages") from None
     return request
