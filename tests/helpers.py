@@ -4,7 +4,11 @@ VLM config, and the training workspace's settings. (conftest.py holds the fixtur
 from __future__ import annotations
 
 import io
+import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -95,3 +99,52 @@ def args_for(ws, stage, out, **kw) -> TrainArgs:
 
 def weights(out) -> dict:
     return load_file(os.path.join(out, "model", "model.safetensors"))
+
+
+# --- runs under torchrun (Gloo on the CPU)
+
+RUN_ONE = r"""
+import json, os, sys
+from minimind_v.training.trainer import TrainArgs, Trainer
+spec = json.loads(sys.argv[1])
+crash = spec.pop("crash", None)  # [step, rank]: that process raises when the step begins
+trainer = Trainer(TrainArgs(**spec))
+if crash and int(os.environ["RANK"]) == crash[1]:
+    step = trainer.train_step
+    def train_step(batches):
+        if trainer.step == crash[0]:
+            raise RuntimeError(f"injected failure at step {trainer.step} in rank {crash[1]}")
+        return step(batches)
+    trainer.train_step = train_step
+trainer.run()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: TrainArgs, tmp_path, nodes: int = 1, crash: tuple[int, int] | None = None, check: bool = True):
+    """The run under `torchrun`: 2 processes on one node, or `nodes` single-process "nodes" meeting through a c10d
+    rendezvous on this machine -> the completed processes (one per node)."""
+    spec = {k: v for k, v in args.__dict__.items() if k != "evaluate"} | ({"crash": list(crash)} if crash else {})
+    script = tmp_path / "run_one.py"
+    script.write_text(RUN_ONE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    where = (["--nproc_per_node=2", f"--master_port={port}"] if nodes == 1 else
+             [f"--nnodes={nodes}", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+              "--rdzv-id=test"])
+    command = [sys.executable, "-m", "torch.distributed.run", *where, str(script), json.dumps(spec)]
+    running = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                cwd=tmp_path) for _ in range(nodes)]
+    results = []
+    for process in running:
+        out, err = process.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(command, process.returncode, out, err))
+    if check:
+        for result in results:
+            assert result.returncode == 0, result.stderr[-3000:]
+    return results

@@ -14,6 +14,7 @@ $MINIMIND_V_BENCH_TOKENIZER); nothing is looked up elsewhere.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,12 +36,17 @@ REFERENCE_DECODE = "original MiniMind-V (transformers generate, batch 1): 63-90 
 def save_reference_tower(path: str | os.PathLike) -> str:
     """A random SigLIP B/32-256 vision tower folder (seeded), with its image processor."""
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        torch.manual_seed(0)
+    if not os.path.isfile(os.path.join(path, "config.json")):  # under torchrun every process may get here: each
+        torch.manual_seed(0)                                      # writes its own folder, the first rename wins
         config = SiglipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                     num_attention_heads=12, image_size=256, patch_size=32)
-        SiglipVisionModel(config).save_pretrained(path)
-        SiglipImageProcessorPil(size={"height": 256, "width": 256}).save_pretrained(path)
+        mine = f"{path}.tmp{os.getpid()}"
+        SiglipVisionModel(config).save_pretrained(mine)
+        SiglipImageProcessorPil(size={"height": 256, "width": 256}).save_pretrained(mine)
+        try:
+            os.rename(mine, path)
+        except OSError:  # another process's folder is there
+            shutil.rmtree(mine)
     return path
 
 
@@ -89,7 +95,7 @@ def make_reference_data(out: str | os.PathLike, rows: int = 2400, seed: int = 0,
     out = os.fspath(out)
     if not os.path.isfile(out):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        subprocess.run([sys.executable, find_generator(generator), out + ".tmp", str(rows), "--seed", str(seed)],
-                       check=True)
-        os.replace(out + ".tmp", out)
+        mine = f"{out}.tmp{os.getpid()}"  # every process of a torchrun run may write it: the same bytes
+        subprocess.run([sys.executable, find_generator(generator), mine, str(rows), "--seed", str(seed)], check=True)
+        os.replace(mine, out)
     return out

@@ -8,6 +8,9 @@ Timed per optimizer step after `warmup` steps (compilation, cuDNN autotuning, lo
 
 with llm_params the decoder layers, the projector and the output head (the embedding lookup is no matmul); a frozen
 LLM would do less backward work, so MFU is reported for the whole-LLM setting it is meant for.
+
+Under `torchrun` (`--parallel ddp` or `fsdp`) the figures are the sums over the processes (MFU per GPU), printed once;
+the losses are the global batch's, the same in every process.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import time
 
 import torch
 
-from ..device import synchronize
+from ..device import all_reduce_sum, synchronize
+from ..training.parallel import close
 from ..training.trainer import TrainArgs, Trainer
 from .reference import PRESET, find_reference_tokenizer, make_reference_data, save_reference_tower
 
@@ -83,7 +87,12 @@ def bench_train(work_dir: str, data: str | None = None, rows: int = 2400, steps:
                               sum(b["input_ids"].numel() for b in batches), step_flops(trainer.model, batches), waited))
     synchronize(device)
     losses = [round(float(loss), 4) for loss in losses]
-    return {"tokenizer": tokenizer or "shipped default", **report(steps_run, clock.seconds(), losses, trainer, device)}
+    if trainer.world > 1:  # each process timed its own share: [steps, 4] summed over the processes
+        sums = all_reduce_sum(torch.tensor([t[:4] for t in steps_run], dtype=torch.float64, device=device)).tolist()
+        steps_run = [(*total, t[4]) for total, t in zip(sums, steps_run)]
+    out = {"tokenizer": tokenizer or "shipped default", **report(steps_run, clock.seconds(), losses, trainer, device)}
+    close(trainer.world)
+    return out
 
 
 class StepClock:
@@ -116,6 +125,7 @@ def report(steps: list[tuple], durations: list[float], losses: list[float], trai
     flops_per_s = sum(t[3] for t in steps) / seconds
     peak = peak_flops(device)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+           "processes": trainer.world, "parallel": trainer.args.parallel, "rank": trainer.rank,
            "dtype": str(trainer.dtype).replace("torch.", ""), "steps_timed": len(steps),
            "batch_size": trainer.global_batch, "compile": trainer.args.compile,
            "trainable_params": trainer.params["trainable_params"],
@@ -127,7 +137,7 @@ def report(steps: list[tuple], durations: list[float], losses: list[float], trai
            "step_ms_max": round(max(durations) * 1000, 1),
            "data_wait_ms_mean": round(statistics.fmean(t[4] for t in steps) * 1000, 1),
            "model_tflops_per_s": round(flops_per_s / 1e12, 2),
-           "mfu": round(flops_per_s / peak, 4) if peak else None,
+           "mfu": round(flops_per_s / trainer.world / peak, 4) if peak else None,
            "losses": losses}
     if device.type == "cuda":
         out["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
@@ -137,11 +147,14 @@ def report(steps: list[tuple], durations: list[float], losses: list[float], trai
 def table_rows(report: dict) -> tuple[str, list[tuple[str, str]]]:
     """(title, [(figure, value)]) of a report, for the table `bench train` prints."""
     flags = [name for name in ("packing", "compile") if report[name]]
-    title = (f"bench train: {report['device']}, {report['dtype']}, batch {report['batch_size']}"
+    where = report["device"] if report["processes"] == 1 else \
+        f"{report['processes']} x {report['device']} ({report['parallel']})"
+    title = (f"bench train: {where}, {report['dtype']}, batch {report['batch_size']}"
              f"{', ' + ', '.join(flags) if flags else ''}, {report['trainable_params']:,} trainable parameters, "
              f"{report['steps_timed']} steps timed")
     mfu = f"{report['mfu']:.1%}" if report["mfu"] is not None else "n/a (no known peak)"
     memory = f"{report['peak_gpu_memory_mib'] / 1024:.1f} GiB" if "peak_gpu_memory_mib" in report else "n/a (CPU)"
+    memory += " (per GPU, the first process)" if report["processes"] > 1 and "peak_gpu_memory_mib" in report else ""
     losses = report["losses"]
     return title, [("samples/s", f"{report['samples_per_s']:,}"),
                    ("real tokens/s", f"{report['real_tokens_per_s']:,}"),

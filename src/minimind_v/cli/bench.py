@@ -59,7 +59,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, max_seq_len=args.max_seq_len, freeze=args.freeze,
                          num_workers=args.num_workers, compile=args.compile, packing=args.packing,
                          chunked_loss=args.chunked_loss, feature_cache=args.feature_cache,
-                         device=args.device, dtype=args.dtype,
-                         overrides=parse_overrides(args.set))
-    print_report(report, table_rows, REFERENCE_TRAIN if args.data is None and not args.set else None, args.json)
+                         device=args.device, dtype=args.dtype, parallel=args.parallel,
+                         grad_checkpointing=args.grad_checkpointing, overrides=parse_overrides(args.set))
+    if report["rank"] == 0:  # under torchrun: once
+        print_report(report, table_rows, REFERENCE_TRAIN if args.data is None and not args.set else None, args.json)
     return 0

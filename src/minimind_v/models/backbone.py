@@ -189,12 +189,14 @@ class HFBackboneVLM(VisionLanguageModel, MiniMindPreTrainedModel, GenerationMixi
         return MiniMindOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values,
                               aux_loss=out.logits.new_zeros((), dtype=torch.float32))
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """config.json (with the base model's path), generation_config.json, model.safetensors (trained parts)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **kwargs) -> None:
+        """config.json (with the base model's path), generation_config.json, model.safetensors (trained parts; or
+        `state_dict`, the same keys gathered from elsewhere)."""
         os.makedirs(save_directory, exist_ok=True)
         self.config.save_pretrained(save_directory)
         self.generation_config.save_pretrained(save_directory)
-        state = {k: v.detach().contiguous() for k, v in self.checkpoint_state_dict().items()}
+        saved = self.checkpoint_state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous() for k, v in saved.items()}
         save_file(state, os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
         if self.config.vision_config is not None and self.processor is not None:
             self.processor.save_pretrained(save_directory)

@@ -61,6 +61,8 @@ class TrainArgs:
     packing: bool = arg(False, "several samples per row with block-diagonal attention: no compute on padding")
     share_prefix: int = arg(0, "with --packing: samples that show one image train in the same step, N at a time, a "
                                "row computing their common start (prompt, image) once; each sees only itself (0: off)")
+    parallel: str = arg("ddp", "under torchrun: ddp (a whole replica per process) or fsdp (weights, gradients and "
+                               "optimizer state sharded over the processes, per decoder layer)")
     chunked_loss: bool = arg(False, "loss from the hidden states in chunks: less memory, logits recomputed")
     compile: bool = arg(False, "torch.compile the model (a slower first step)")
     seed: int = arg(0, "seed of the model's initialisation and the data order")
@@ -93,7 +95,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, names: list[str] | None
             continue
         kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
         parser.add_argument(flag(f.name), type=kind, default=default, help=f.metadata["help"],
-                            choices=[0, 1, 2] if f.name == "freeze" else None)
+                            choices={"freeze": [0, 1, 2], "parallel": ["ddp", "fsdp"]}.get(f.name))
 
 
 def read_config_file(path: str) -> dict:

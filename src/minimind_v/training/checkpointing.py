@@ -4,6 +4,7 @@
     <out>/checkpoints/step-000060/     one checkpoint:
         model/                         save_pretrained: safetensors without the vision tower, config, tokenizer
         resume.pt                      optimizer, scheduler, scaler, RNG states, data position
+        optimizer/                     with --parallel fsdp: the optimizer state in shards (distributed checkpointing)
         manifest.json                  size and sha256 of every file above, written last
     <out>/model/                       the final model: hard links to the last checkpoint's model/ files
 
@@ -12,7 +13,10 @@ leaves every published checkpoint whole: never the model of one step beside the 
 takes the newest checkpoint, checks its manifest (a damaged file is an error naming it) and reaches the weights of
 an uninterrupted run bit for bit. Checkpoints beyond --keep-checkpoints are renamed away before they are deleted,
 so a half-deleted one never carries a checkpoint's name. The data position counts optimizer steps of the global
-batch, which does not depend on the number of processes: a run can resume with another `--nproc_per_node`.
+batch, which does not depend on the number of processes: a run can resume with another `--nproc_per_node`. With
+sharded weights (FSDP) every process writes its optimizer shards into the temporary folder and the main process the
+gathered model, resume.pt and the manifest, then publishes it as above (the run folder must be on a file system every
+process sees).
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ import torch
 from ..models.safe_loading import read_weights
 
 CHECKPOINTS, FINAL_MODEL, RESUME_FILE, MANIFEST = "checkpoints", "model", "resume.pt", "manifest.json"
+SHARDED_OPTIMIZER = "optimizer"  # the folder of a sharded optimizer state (resume.pt then names it)
 SETTINGS = "run.json"
 RUN_FILES = (SETTINGS, CHECKPOINTS, FINAL_MODEL, "metrics.jsonl", "loss.png", RESUME_FILE)  # what a run leaves
 # settings a resumed run may change: how it runs, not what it computes (the global batch is checked instead of
 # batch_size x grad_accum, which may be split differently over another number of processes)
 MAY_CHANGE = {"resume", "overwrite", "out_dir", "num_workers", "log_every", "save_every", "keep_checkpoints",
-              "loggers", "eval_every", "device", "feature_cache", "batch_size", "grad_accum"}
+              "loggers", "eval_every", "device", "feature_cache", "batch_size", "grad_accum", "parallel"}
 NO_CHECKPOINT = ("--resume: {out} has no checkpoint to continue from (a run saves one every --save-every steps and "
                  "at its end); start the run again without --resume")
 _STEP = re.compile(r"step-(\d+)")
@@ -102,34 +107,54 @@ class RunPosition:
 
 
 class TrainState(NamedTuple):
-    """What a checkpoint saves and a resume restores (besides the RNG states)."""
+    """What a checkpoint saves and a resume restores (besides the RNG states); `parallel`: how the processes share
+    the model (training/parallel.py)."""
     model: object
     tokenizer: object
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
+    parallel: object
 
 
 def save_checkpoint(out: str, parts: TrainState, at: RunPosition, final: bool, keep: int, main: bool) -> str:
-    """Write, publish and prune (the main process only); the final one also becomes <out>/model. -> its path."""
+    """Write, publish and prune (every process calls it; the main process writes all but optimizer shards); the
+    final one also becomes <out>/model. -> its path."""
     path = checkpoint_path(out, at.step)
+    fresh, sharded = not os.path.isdir(path), parts.parallel.sharded  # a re-run of a step saved wrote the same bytes
+    weights = optimizer = None
+    if fresh and sharded:
+        if main:
+            discard(temporary(path))
+            os.makedirs(temporary(path))
+        parts.parallel.barrier()
+        weights = parts.parallel.full_weights(parts.model)
+        parts.parallel.save_optimizer(parts.model, parts.optimizer, os.path.join(temporary(path), SHARDED_OPTIMIZER))
+        optimizer = SHARDED_OPTIMIZER
     if main:
-        if not os.path.isdir(path):  # a re-run of a step already saved wrote the same bytes
-            state = {**asdict(at), "optimizer": parts.optimizer.state_dict(), "final": final,
+        if fresh:
+            state = {**asdict(at), "optimizer": optimizer or parts.optimizer.state_dict(), "final": final,
                      "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
                      "rng": _rng_states()}
-            write_checkpoint(path, parts.model, parts.tokenizer, state)
+            write_checkpoint(path, parts.model, parts.tokenizer, state, weights)
         prune(out, keep)
         if final:
             publish_model(out, path)
     return path
 
 
-def write_checkpoint(path: str, model, tokenizer, state: dict) -> None:
-    """Everything into a temporary folder, the manifest last, all flushed; then one rename publishes it."""
-    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-    discard(tmp)
-    model.save_pretrained(os.path.join(tmp, "model"))
+def temporary(path: str) -> str:
+    """The folder a checkpoint is written in before its rename."""
+    return os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+
+
+def write_checkpoint(path: str, model, tokenizer, state: dict, weights: dict | None = None) -> None:
+    """Everything into the temporary folder (where sharded optimizer state may already be), the manifest last, all
+    flushed; then one rename publishes it. `weights`: what to save instead of the model's own (gathered shards)."""
+    tmp = temporary(path)
+    if weights is None:
+        discard(tmp)
+    model.save_pretrained(os.path.join(tmp, "model"), **({} if weights is None else {"state_dict": weights}))
     tokenizer.save_pretrained(os.path.join(tmp, "model"))
     torch.save(state, os.path.join(tmp, RESUME_FILE))
     files = {name: _describe(os.path.join(tmp, name)) for name in _files_under(tmp)}
@@ -137,8 +162,8 @@ def write_checkpoint(path: str, model, tokenizer, state: dict) -> None:
         json.dump({"step": state["step"], "files": files}, f, indent=1)
     for name in [*files, MANIFEST]:
         _fsync(os.path.join(tmp, name))
-    _fsync(os.path.join(tmp, "model"))
-    _fsync(tmp)
+    for folder in {os.path.dirname(os.path.join(tmp, name)) for name in files}:
+        _fsync(folder)
     os.rename(tmp, path)
     _fsync(os.path.dirname(path))
 
@@ -201,18 +226,28 @@ def verify_checkpoint(path: str) -> None:
             raise ValueError(f"{file} is damaged ({what}); delete {path} to resume from the checkpoint before it")
 
 
-def load_resume_state(out: str, parts: TrainState, main: bool) -> RunPosition:
-    """Restore `parts` and the RNG states from the newest checkpoint in <out>/checkpoints (verified) -> where the
-    run stands; ValueError when there is none."""
+def latest_checkpoint(out: str) -> str:
+    """The newest checkpoint in <out>/checkpoints, verified; ValueError when there is none."""
     found = list_checkpoints(out)
     if not found:
         raise ValueError(NO_CHECKPOINT.format(out=out))
-    _, path = found[-1]
-    verify_checkpoint(path)
-    state = _read_state(os.path.join(path, RESUME_FILE))
+    verify_checkpoint(found[-1][1])
+    return found[-1][1]
+
+
+def load_weights(path: str, model) -> None:
+    """The checkpoint's weights into the (whole, not yet sharded) model, strictly."""
     weights = os.path.join(path, "model", "model.safetensors")
-    parts.model.load_checkpoint_state(read_weights(weights), source=weights)
-    parts.optimizer.load_state_dict(state["optimizer"])
+    model.load_checkpoint_state(read_weights(weights), source=weights)
+
+
+def load_resume_state(out: str, path: str, parts: TrainState, main: bool) -> RunPosition:
+    """Restore the optimizer (whole or sharded, whatever wrote it), scheduler, scaler and RNG states of the checkpoint
+    `path` (its weights: `load_weights`) -> where the run stands."""
+    state = _read_state(os.path.join(path, RESUME_FILE))
+    saved = state["optimizer"]
+    parts.parallel.load_optimizer(parts.model, parts.optimizer, os.path.join(path, saved) if isinstance(saved, str)
+                                  else saved)
     parts.scheduler.load_state_dict(state["scheduler"])
     parts.scaler.load_state_dict(state["scaler"])
     _set_rng_states(state["rng"])

@@ -9,7 +9,7 @@ processes x accumulation) is cut from one seeded permutation, the loss is summed
 global batch and divided by their count (so 1 process and N processes compute the same gradient), then AdamW with a
 higher projector learning rate, warmup + cosine, clipping. The run folder (settings, checkpoints, the final model)
 lives in `checkpointing.py`, the log in `runlog.py`, what stops a run early (Ctrl-C, bad data, divergence) in
-`guards.py`.
+`guards.py`, how several processes share the model (DDP or FSDP) in `parallel.py`.
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ from ..models.vision_tower import image2tensor
 from ..build import training_model
 from ..models.vlm_base import VisionLanguageModel
 from .args import STAGES, TrainArgs
-from .checkpointing import RunPosition, TrainState, check_settings, load_resume_state, open_run_folder, save_checkpoint
+from .checkpointing import (RunPosition, TrainState, check_settings, latest_checkpoint, load_resume_state, load_weights,
+                            open_run_folder, save_checkpoint)
 from .guards import SkipGuard, StopRequest, TrainingInterrupted, check_finite_loss
 from .loss import chunked_summed_loss, summed_loss
+from .parallel import Parallel, close
 from .optim import (
     apply_freeze,
     count_parameters,
@@ -70,25 +72,28 @@ class Trainer:
                              "own way)")
         self._prepare_model()
         self._prepare_data()
+        check_settings(args.out_dir, self.settings(), args.resume, main=self.rank == 0)
+        resume = latest_checkpoint(args.out_dir) if args.resume else None
+        if resume:
+            load_weights(resume, self.model)  # before the model is sharded
+        self.wrapped = self._wrap()  # the optimizer takes the weights as wrapping leaves them (FSDP: shards)
         self.optimizer = make_optimizer(self.model, args)
         warmup = int(args.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, args.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.wrapped = self._wrap()
         # compiled, the cross-entropy over [tokens, vocabulary] logits is a few fused passes instead of eager ones
         self.summed_loss = torch.compile(summed_loss, dynamic=True) if args.compile else summed_loss
         self.step = self.epoch = self.position = 0
         self.guard = SkipGuard(args.max_skip_rate, self.world, self.device)
-        check_settings(args.out_dir, self.settings(), args.resume, main=self.rank == 0)
-        if args.resume:
-            self._resume_from(load_resume_state(args.out_dir, self.state(), main=self.rank == 0))
+        if resume:
+            self._resume_from(load_resume_state(args.out_dir, resume, self.state(), main=self.rank == 0))
         self.log = RunLog(args.out_dir, main=self.rank == 0, loggers=args.loggers, total=self.total_steps,
                           resumed_at=self.step if args.resume else None, stage=args.stage)
 
     def state(self) -> TrainState:
         """What a checkpoint saves."""
-        return TrainState(self.model, self.tokenizer, self.optimizer, self.scheduler, self.scaler)
+        return TrainState(self.model, self.tokenizer, self.optimizer, self.scheduler, self.scaler, self.parallel)
 
     def save(self, final: bool) -> str:
         """A checkpoint of where the run stands (the main process writes; the others wait) -> its path."""
@@ -151,9 +156,11 @@ class Trainer:
     def _prepare_model(self) -> None:
         """On the device, frozen as the stage says, frozen backbone weights in the compute dtype, checkpointing."""
         args = self.args
-        self.model.to(self.device)
-        apply_freeze(self.model, STAGES[args.stage]["freeze"] if args.freeze is None else args.freeze)
         self.dtype = compute_dtype(self.device, args.dtype)
+        self.parallel = Parallel(args.parallel, self.world, self.device, self.dtype,
+                                 evaluates=args.evaluate is not None and args.eval_every > 0)
+        self.parallel.place(self.model)
+        apply_freeze(self.model, STAGES[args.stage]["freeze"] if args.freeze is None else args.freeze)
         hold_frozen_in(self.model, self.dtype)
         self.params = count_parameters(self.model)
         if self.rank == 0:
@@ -163,10 +170,7 @@ class Trainer:
             self.model.checkpoint_activations()
 
     def _wrap(self) -> torch.nn.Module:
-        model = self.model
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        model = self.parallel.wrap(self.model)
         if not self.args.compile:
             return model
         # packed batches vary in their number of rows: compile for any count once instead of once per count
@@ -185,6 +189,7 @@ class Trainer:
         summary = {"steps": self.step, "seconds": round(time.time() - start, 1), "skipped": self.stats.summary(),
                    **self.params, **last}
         self.log.finish(summary)
+        close(self.world)
         return summary
 
     def _run_steps(self) -> dict:
@@ -269,13 +274,12 @@ class Trainer:
         loss_sum, tokens = torch.zeros((), device=self.device), 0
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1 or self.world == 1
-            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+            with contextlib.nullcontext() if sync else self.parallel.without_sync(self.wrapped):
                 loss, summed = self._forward(batch, total, len(batches))
                 self.scaler.scale(loss).backward()
             loss_sum, tokens = loss_sum + summed, tokens + int(batch["token_mask"].sum())
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                   self.args.grad_clip)
+        grad_norm = self.parallel.clip(self.model, self.args.grad_clip)
         if total > 0:  # a step whose samples were all skipped changes nothing (no decay-only update)
             self.scaler.step(self.optimizer)
             self.scaler.update()
