@@ -101,12 +101,14 @@ def test_the_train_table_shows_gpu_figures():
               "compile": True, "trainable_params": 100, "steps_timed": 40, "samples_per_s": 1714.3,
               "real_tokens_per_s": 720010, "padded_tokens_per_s": 730000, "model_tflops_per_s": 314.5,
               "mfu": 0.318, "peak_gpu_memory_mib": 31744, "step_ms_median": 149.0, "step_ms_max": 150.2,
-              "data_wait_ms_mean": 0.1, "losses": [8.9, 6.3], "processes": 1, "parallel": "ddp"}
+              "data_wait_ms_mean": 0.1, "losses": [8.9, 6.3], "processes": 1, "parallel": "ddp",
+              "warmup_steps": 5, "warmup_seconds": 21.4}
     title, rows = table_rows(report)
     rows = dict(rows)
     assert title.startswith("bench train: NVIDIA H100 80GB HBM3, bfloat16, batch 256, packing, compile, 100 ")
     assert rows["model TFLOP/s, MFU"] == "314.5, 31.8%" and rows["peak GPU memory"] == "31.0 GiB"
     assert rows["real tokens/s"] == "720,010" and rows["loss, first -> last step"] == "8.9000 -> 6.3000"
+    assert rows["warm-up steps (compiling included)"] == "5 in 21.4 s"
     title, rows = table_rows({**report, "processes": 2, "parallel": "fsdp"})  # under torchrun: sums, memory per GPU
     assert title.startswith("bench train: 2 x NVIDIA H100 80GB HBM3 (fsdp), bfloat16, batch 256")
     assert dict(rows)["peak GPU memory"] == "31.0 GiB (per GPU, the first process)"

@@ -126,7 +126,6 @@ def test_packed_training_tracks_padded_training_in_bf16(workspace, tmp_path, dev
     assert len(calls) == (4 * 3 if device == "cuda" else 0)  # steps x layers, every packed step through varlen
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_packed_training_equals_eager(workspace, tmp_path, device):
     """torch.compile (dynamic row counts) over packed rows: the eager run's losses (on CUDA: FlashAttention varlen
@@ -220,10 +219,35 @@ def test_grouped_steps_keep_an_images_samples_together():
 
 
 def test_training_with_shared_prefixes(questions_ws, tmp_path):
-    with pytest.raises(ValueError, match="add --packing"):
-        Trainer(args_for(questions_ws, "sft", tmp_path / "x", share_prefix=4))
+    with pytest.raises(ValueError, match="leave out --no-packing"):
+        Trainer(args_for(questions_ws, "sft", tmp_path / "x", packing=False, share_prefix=4))
     with pytest.raises(ValueError, match="at least 0"):
         Trainer(args_for(questions_ws, "sft", tmp_path / "x", packing=True, share_prefix=-1))
     summary = Trainer(args_for(questions_ws, "sft", tmp_path / "y", packing=True, share_prefix=4, max_seq_len=96,
                                batch_size=4, max_steps=3)).run()
     assert summary["steps"] == 3 and summary["loss"] > 0
+
+
+def test_packing_is_on_by_default_where_a_packed_batch_is_one_varlen_row(workspace, tmp_path, clip_dir):
+    """Unset, --packing follows the device: on for MiniMind on a GPU in half precision (one row of variable-length
+    attention) and with --share-prefix; off on a CPU; given, as given; --no-packing with --share-prefix is an error."""
+    from minimind_v import MiniMindVLM
+    from minimind_v.cli import build_parser
+    from minimind_v.training.trainer import check_args, resolve_packing
+    from helpers import tiny_config
+
+    model = MiniMindVLM(tiny_config(), vision_model_path=clip_dir)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    args = lambda **kw: args_for(workspace, "sft", tmp_path, **kw)  # noqa: E731
+    assert resolve_packing(args(), model, cuda, torch.bfloat16) is True
+    assert resolve_packing(args(), model, cuda, torch.float32) is False  # fp32: masked rows, not varlen
+    assert resolve_packing(args(), model, cpu, torch.float32) is False
+    assert resolve_packing(args(share_prefix=4), model, cpu, torch.float32) is True
+    assert resolve_packing(args(packing=False), model, cuda, torch.bfloat16) is False
+    assert resolve_packing(args(packing=True), model, cpu, torch.float32) is True
+    with pytest.raises(ValueError, match="leave out --no-packing"):
+        check_args(args(packing=False, share_prefix=4))
+    parse = lambda *flags: build_parser().parse_args(["train", "sft", *flags])  # noqa: E731
+    assert parse().packing is None and parse("--packing").packing is True and parse("--no-packing").packing is False
+    trainer = Trainer(args(max_steps=1, overwrite=True))  # a CPU run records what it resolved
+    assert trainer.packing is False and json.load(open(tmp_path / "run.json"))["packing"] is False

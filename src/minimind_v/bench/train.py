@@ -72,10 +72,11 @@ def bench_train(work_dir: str, data: str | None = None, rows: int = 2400, steps:
         torch.cuda.reset_peak_memory_stats(device)
     steps_run, losses = [], []
     loader = trainer.batches([step for _, _, step in trainer.plan()[:warmup + steps]])  # one loader, all epochs
+    begun = time.perf_counter()
     for number in range(warmup + steps):
         if number == warmup:  # the clock starts once the warm-up steps have finished on the device
             synchronize(device)
-            clock = StepClock(device)
+            clock, warmed = StepClock(device), time.perf_counter() - begun  # compiling is in the warm-up
         started = time.perf_counter()
         batches = next(loader)
         waited = time.perf_counter() - started
@@ -90,7 +91,8 @@ def bench_train(work_dir: str, data: str | None = None, rows: int = 2400, steps:
     if trainer.world > 1:  # each process timed its own share: [steps, 4] summed over the processes
         sums = all_reduce_sum(torch.tensor([t[:4] for t in steps_run], dtype=torch.float64, device=device)).tolist()
         steps_run = [(*total, t[4]) for total, t in zip(sums, steps_run)]
-    out = {"tokenizer": tokenizer or "shipped default", **report(steps_run, clock.seconds(), losses, trainer, device)}
+    out = {"tokenizer": tokenizer or "shipped default", **report(steps_run, clock.seconds(), losses, trainer, device),
+           "warmup_steps": warmup, "warmup_seconds": round(warmed, 1)}
     close(trainer.world)
     return out
 
@@ -132,7 +134,7 @@ def report(steps: list[tuple], durations: list[float], losses: list[float], trai
            "samples_per_s": round(sum(t[0] for t in steps) / seconds, 1),
            "real_tokens_per_s": round(sum(t[1] for t in steps) / seconds),
            "padded_tokens_per_s": round(sum(t[2] for t in steps) / seconds),
-           "packing": trainer.args.packing,
+           "packing": trainer.packing,
            "step_ms_median": round(statistics.median(durations) * 1000, 1),
            "step_ms_max": round(max(durations) * 1000, 1),
            "data_wait_ms_mean": round(statistics.fmean(t[4] for t in steps) * 1000, 1),
@@ -157,6 +159,7 @@ def table_rows(report: dict) -> tuple[str, list[tuple[str, str]]]:
     memory += " (per GPU, the first process)" if report["processes"] > 1 and "peak_gpu_memory_mib" in report else ""
     losses = report["losses"]
     return title, [("samples/s", f"{report['samples_per_s']:,}"),
+                   ("warm-up steps (compiling included)", f"{report['warmup_steps']} in {report['warmup_seconds']} s"),
                    ("real tokens/s", f"{report['real_tokens_per_s']:,}"),
                    ("padded tokens/s", f"{report['padded_tokens_per_s']:,}"),
                    ("model TFLOP/s, MFU", f"{report['model_tflops_per_s']}, {mfu}"),

@@ -58,13 +58,16 @@ class TrainArgs:
     dtype: str = arg("auto", "auto (bf16 where the GPU has it, else fp16; fp32 on a CPU), bf16, fp16 or fp32")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, mps")
     grad_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, slower steps")
-    packing: bool = arg(False, "several samples per row with block-diagonal attention: no compute on padding")
+    packing: bool | None = arg(None, "several samples per row with block-diagonal attention: no compute on padding "
+                                     "(default: on where a row is one variable-length attention call - the MiniMind "
+                                     "language model on a GPU in bf16/fp16 - and with --share-prefix; "
+                                     "--no-packing: off)")
     share_prefix: int = arg(0, "with --packing: samples that show one image train in the same step, N at a time, a "
                                "row computing their common start (prompt, image) once; each sees only itself (0: off)")
     parallel: str = arg("ddp", "under torchrun: ddp (a whole replica per process) or fsdp (weights, gradients and "
                                "optimizer state sharded over the processes, per decoder layer)")
     chunked_loss: bool = arg(False, "loss from the hidden states in chunks: less memory, logits recomputed")
-    compile: bool = arg(False, "torch.compile the model (a slower first step)")
+    compile: bool = arg(False, "torch.compile each decoder layer, in place (one compilation serves every layer)")
     seed: int = arg(0, "seed of the model's initialisation and the data order")
     num_workers: int = arg(0, "data-loader worker processes (0: in the training process)")
     log_every: int = arg(10, "steps per logged line (the mean loss of those steps)")
@@ -90,8 +93,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, names: list[str] | None
         if f.name in NOT_FLAGS or (names is not None and f.name not in names):
             continue
         default = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
-        if f.type == "bool":
-            parser.add_argument(flag(f.name), action="store_true", default=default, help=f.metadata["help"])
+        if f.type in ("bool", "bool | None"):  # bool | None: --flag / --no-flag, unset: the default decides
+            action = "store_true" if f.type == "bool" else argparse.BooleanOptionalAction
+            parser.add_argument(flag(f.name), action=action, default=default, help=f.metadata["help"])
             continue
         kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
         parser.add_argument(flag(f.name), type=kind, default=default, help=f.metadata["help"],

@@ -67,9 +67,6 @@ class Trainer:
         if model is None:
             model, tokenizer = training_model(args)
         self.model, self.tokenizer = model, tokenizer
-        if args.packing and not self.model.supports_packing:
-            raise ValueError("--packing needs the MiniMind language model (a Hugging Face backbone reads masks its "
-                             "own way)")
         self._prepare_model()
         self._prepare_data()
         check_settings(args.out_dir, self.settings(), args.resume, main=self.rank == 0)
@@ -114,7 +111,7 @@ class Trainer:
         """The dataset (samples within max_seq_len and the model's context), image features, the step counts."""
         args, config = self.args, self.model.config
         # packed samples under variable-length attention need no rows of max_seq_len: one row, (almost) no padding
-        self.one_row = (args.packing and not args.share_prefix
+        self.one_row = (self.packing and not args.share_prefix
                         and varlen_ready(config.flash_attn, config.dropout, self.device, self.dtype))
         self.max_seq_len = min(args.max_seq_len, config.max_position_embeddings)
         if self.max_seq_len < args.max_seq_len and self.rank == 0:
@@ -151,6 +148,7 @@ class Trainer:
             if args[name] and os.path.exists(args[name]):
                 args[name] = os.path.abspath(args[name])
         return {**args, "freeze": STAGES[self.args.stage]["freeze"] if args["freeze"] is None else args["freeze"],
+                "packing": self.packing,
                 "max_seq_len": self.max_seq_len, "global_batch": self.global_batch, "samples": len(self.dataset)}
 
     def _prepare_model(self) -> None:
@@ -160,6 +158,7 @@ class Trainer:
         self.parallel = Parallel(args.parallel, self.world, self.device, self.dtype,
                                  evaluates=args.evaluate is not None and args.eval_every > 0)
         self.parallel.place(self.model)
+        self.packing = resolve_packing(args, self.model, self.device, self.dtype)
         apply_freeze(self.model, STAGES[args.stage]["freeze"] if args.freeze is None else args.freeze)
         hold_frozen_in(self.model, self.dtype)
         self.params = count_parameters(self.model)
@@ -170,11 +169,12 @@ class Trainer:
             self.model.checkpoint_activations()
 
     def _wrap(self) -> torch.nn.Module:
-        model = self.parallel.wrap(self.model)
-        if not self.args.compile:
-            return model
-        # packed batches vary in their number of rows: compile for any count once instead of once per count
-        return torch.compile(model, dynamic=True if self.args.packing else None)
+        """Compiled (each decoder layer in place: the layers share one compiled graph, so compiling takes the time
+        of one layer, not of the whole model), then spread over the processes."""
+        if self.args.compile:  # packed batches vary in length: compiled for any length once, not once per length
+            for layer in self.model.decoder_layers():
+                layer.compile(dynamic=True if self.packing else None)
+        return self.parallel.wrap(self.model)
 
     def run(self) -> dict:
         start = time.time()
@@ -227,7 +227,7 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         batcher = (functools.partial(pack, max_len=self.max_seq_len, pad_token_id=pad, one_row=self.one_row,
                                      share_prefix=self.args.share_prefix > 0)
-                   if self.args.packing else functools.partial(collate, pad_token_id=pad))
+                   if self.packing else functools.partial(collate, pad_token_id=pad))
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=micro, num_workers=self.args.num_workers,
                                              collate_fn=batcher, worker_init_fn=ignore_interrupts,
                                              pin_memory=self.device.type == "cuda",
@@ -333,6 +333,20 @@ def make_dataset(args: TrainArgs, tokenizer, model: VisionLanguageModel, stats: 
                                stats=stats)
 
 
+def resolve_packing(args: TrainArgs, model: VisionLanguageModel, device: torch.device, dtype: torch.dtype) -> bool:
+    """--packing as given; unset, on wherever a packed batch is one row of variable-length attention (no padding at
+    all, the fast path) and with --share-prefix, off elsewhere (a CPU packs into masked rows of max_seq_len, which
+    pays only where lengths vary)."""
+    if (args.packing or args.share_prefix) and not model.supports_packing:
+        raise ValueError("--packing and --share-prefix need the MiniMind language model (a Hugging Face backbone "
+                         "reads masks its own way)")
+    if args.packing is not None:
+        return args.packing
+    config = model.config
+    return model.supports_packing and (args.share_prefix > 0 or varlen_ready(config.flash_attn, config.dropout,
+                                                                             device, dtype))
+
+
 def check_args(args: TrainArgs) -> None:
     """Settings that cannot work are errors before anything is built."""
     checks = [(args.stage in STAGES, f"unknown stage {args.stage!r}; choose one of {', '.join(STAGES)}"),
@@ -344,7 +358,8 @@ def check_args(args: TrainArgs) -> None:
                "--save-every, --keep-checkpoints and --num-workers must be at least 0"),
               (args.max_steps is None or args.max_steps >= 1, "--max-steps must be at least 1"),
               (args.share_prefix >= 0, "--share-prefix must be at least 0 (0: off)"),
-              (args.packing or not args.share_prefix, "--share-prefix works on packed rows: add --packing"),
+              (args.packing is not False or not args.share_prefix, "--share-prefix works on packed rows: leave out "
+                                                                     "--no-packing"),
               (args.data.lower().endswith(SUPPORTED_EXTENSIONS), f"--data {args.data}: the file must end in "
                                                                    f"{', '.join(SUPPORTED_EXTENSIONS)}")]
     for ok, message in checks:
