@@ -88,6 +88,39 @@ def test_backbone_trains_saves_reloads_and_generates(backbone, workspace, tmp_pa
         [color_request()])[0].token_ids
 
 
+def test_backbones_decode_in_fixed_shape_steps(backbone, clip_dir):
+    """A Hugging Face backbone decodes through the fixed-shape step (what CUDA graphs replay; run eagerly here, and
+    compiled as `--compile` does on a CPU) to the tokens of step-by-step decoding, padded rows and images included;
+    one with a sliding window or a mixture of experts keeps step-by-step decoding."""
+    from minimind_v.build import new_model
+    from minimind_v.generation.static_decode import DecoderPool
+
+    kind, llm = backbone
+    model, tokenizer = new_model("minimind2-v", llm=llm, vision=clip_dir, overrides=dict(VISION), seed=0)
+    model.eval()
+    assert model.supports_static_decode
+    requests = [color_request(), GenerationRequest(messages=[{"role": "user", "content": "hi, who are you?"}],
+                                                   params=SamplingParams(max_new_tokens=9))]
+    dynamic = [r.token_ids for r in Engine(model, tokenizer).generate(requests)]
+    static = Engine(model, tokenizer)
+    static.decoders = DecoderPool()
+    assert [r.token_ids for r in static.generate(requests)] == dynamic and len(static.decoders.decoders) == 1
+    if kind == "qwen3":  # compiling takes a while on 2 cores: one backbone
+        compiled = Engine(model, tokenizer, compile=True)
+        assert compiled.decoding_mode() == "compiled static steps"
+        assert [r.token_ids for r in compiled.generate(requests)] == dynamic
+    text = model.language_model.config.get_text_config()
+    for name, value in (("sliding_window", 64), ("num_experts", 4)):
+        old = getattr(text, name, None)
+        setattr(text, name, value)
+        if name == "sliding_window":
+            text.use_sliding_window = True
+        assert not model.supports_static_decode
+        setattr(text, name, old)
+        text.use_sliding_window = False
+    assert model.supports_static_decode
+
+
 def test_placeholder_token_added_with_the_mean_embedding(backbone, tmp_path):
     kind, llm = backbone
     tokenizer = load_backbone_tokenizer(llm)

@@ -149,8 +149,11 @@ def test_hugging_face_backbones_batch_continuously(kind, clip_dir, tmp_path):
                                  overrides={"ve_hidden_size": 32, "image_token_len": 16}, seed=0)
     engine = Engine(model.eval(), tokenizer)
     expected = alone(engine)
-    got = interleaved(ContinuousBatch(engine, slots=3), requests(), arrivals=[0, 1, 1, 2, 5, 5, 6])
-    assert [got[i].token_ids for i in range(7)] == [r.token_ids for r in expected]
+    for fixed in (False, True):  # step by step, and the fixed-shape step a GPU captures as a CUDA graph
+        batch = ContinuousBatch(engine, slots=3)
+        batch.pool = SlotPool(engine.model, 3, batch.max_len, fixed=fixed)
+        got = interleaved(batch, requests(), arrivals=[0, 1, 1, 2, 5, 5, 6])
+        assert [got[i].token_ids for i in range(7)] == [r.token_ids for r in expected], fixed
 
 
 def test_sampled_rows_are_warped_together_as_transformers_warps_each():

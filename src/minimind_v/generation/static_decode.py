@@ -10,8 +10,9 @@ kernel, which is what bounds a small model's decoding on a GPU.
     StaticDecoder      per (batch, max_len): the static inputs, the captured graph, `step(tokens, position)`
     DecoderPool        the engine's few decoders, reused across generations of the same (batch, max_len bucket)
 
-Only dense MiniMind models use static steps (a mixture of experts routes with data-dependent shapes, and the Hugging
-Face backbones keep transformers' own decoding): on CUDA as graphs, on a CPU only when compiled (`Engine(compile=True)`:
+Models that answer `supports_static_decode` use static steps - dense MiniMind models, and Hugging Face backbones that
+attend under the 4-D mask they are given (a mixture of experts routes with data-dependent shapes; a sliding window
+would need its own mask): on CUDA as graphs, on a CPU only when compiled (`Engine(compile=True)`:
 the step through torch.compile with the weights frozen in and each one-row matrix product as one fused pass over its
 weight, see `cpu_step_options`; eager static steps are no faster than the dynamic cache there). Elsewhere the engine
 decodes step by step. `StaticDecoder(use_graph=False)` runs the same static step without a graph, which the tests

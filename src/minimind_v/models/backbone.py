@@ -146,6 +146,17 @@ class HFBackboneVLM(VisionLanguageModel, MiniMindPreTrainedModel, GenerationMixi
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
 
+    @property
+    def supports_static_decode(self) -> bool:
+        """Fixed-shape decode steps (CUDA graphs, compiled CPU steps) where the backbone attends to the whole cache
+        under the 4-D mask it is given: SDPA or eager attention, no sliding window, no mixture of experts (whose
+        routing is data-dependent)."""
+        text = self.language_model.config.get_text_config()
+        experts = any(getattr(text, name, None) for name in ("num_experts", "num_local_experts", "n_routed_experts"))
+        window = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+        attention = getattr(self.language_model.config, "_attn_implementation", None)
+        return not experts and not window and attention in ("sdpa", "eager")
+
     def decoder_layers(self) -> nn.ModuleList:
         layers = getattr(self.language_model.get_decoder(), "layers", None)
         if not isinstance(layers, nn.ModuleList):
