@@ -69,6 +69,7 @@ RULES = {
     "training": lambda name: layer(name) not in ("generation", "serving", "bench", "cli", "demo", "evaluate"),
     "generation": lambda name: layer(name) not in ("training", "serving", "bench", "cli", "demo", "evaluate"),
     "serving": lambda name: layer(name) not in ("training", "bench", "cli", "demo", "evaluate"),
+    "bench": lambda name: layer(name) != "cli",  # the command line sits on top of the benchmarks
 }
 
 

@@ -134,5 +134,6 @@ def test_the_server_leaves_a_core_to_its_http_side(model_dir, capsys):
     assert serving_threads(cpu, requested=3, cores=2) == 3 and serving_threads(torch.device("cuda")) is None
     with pytest.raises(ValueError, match="at least 1"):
         serving_threads(cpu, requested=0)
-    assert main(["serve", str(model_dir), "--threads", "0"]) != 0  # refused before the model loads
-    assert "--threads must be at least 1" in capsys.readouterr().err
+    for command in ("serve", "web"):  # the web demo takes the same setting
+        assert main([command, str(model_dir), "--threads", "0"]) != 0  # refused before the model loads
+        assert "--threads must be at least 1" in capsys.readouterr().err

@@ -31,7 +31,8 @@ def add_train_bench_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--steps", type=int, default=40, help="timed optimizer steps")
     train.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     add_train_arguments(train, ["batch_size", "max_seq_len", "freeze", "num_workers", "compile", "packing",
-                                "chunked_loss", "feature_cache", "device", "dtype", "parallel", "grad_checkpointing"],
+                                "chunked_loss", "feature_cache", "device", "dtype", "parallel", "grad_checkpointing",
+                                "share_prefix"],
                         max_seq_len=768, freeze=0)
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config fields")
     train.add_argument("--json", action="store_true", help="print the whole report (each step's loss too) as JSON")

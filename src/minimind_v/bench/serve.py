@@ -11,6 +11,7 @@ Only the standard library and psutil, so it runs wherever the server's client si
 
 from __future__ import annotations
 
+import argparse
 import base64
 import http.client
 import json
@@ -26,8 +27,6 @@ import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
-
-from ..cli.options import add_model_argument
 
 MiB = 2**20
 
@@ -288,11 +287,11 @@ def cmd_bench_serve(args) -> int:
     return 0
 
 
-def add_load_parser(bench) -> None:
-    """`minimind-v bench serve` and its options, on the `bench` subparsers."""
+def add_load_parser(bench) -> argparse.ArgumentParser:
+    """`minimind-v bench serve` and its options (the model the CLI adds, as every command's), on the `bench`
+    subparsers -> its parser."""
     parser = bench.add_parser("serve", help="concurrent clients against `minimind-v serve`: requests by status, "
                                             "tokens/s, latency, /health latency, server RSS")
-    add_model_argument(parser, "a model folder to serve on a free loopback port (or --url)", required=False)
     parser.add_argument("--url", help="a running server instead (its RSS only with --pid)")
     parser.add_argument("--pid", type=int, help="the running server's process id, for its RSS")
     parser.add_argument("--clients", type=int, default=64,
@@ -313,3 +312,4 @@ def add_load_parser(bench) -> None:
                         help="an argument for the started `minimind-v serve` (repeatable), e.g. --server-arg=--compile")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a table")
     parser.set_defaults(func=cmd_bench_serve)
+    return parser

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import add_model_argument
 from .serving import add_model_arguments, engine_for
 
 
@@ -39,7 +40,8 @@ def add_bench_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="performance: decode speed (`bench decode`), training throughput "
                                          "(`bench train`), the server under load (`bench serve`)"
                            ).add_subparsers(dest="what", required=True)
-    add_load_parser(bench)
+    load = add_load_parser(bench)
+    add_model_argument(load, "a model folder to serve on a free loopback port (or --url)", required=False)
     decode = bench.add_parser("decode", help="prefill latency, decode tokens/s (batch 1 and --batch), peak memory")
     add_model_arguments(decode, sampling=False, model_required=False)
     add_decode_bench_arguments(decode)
@@ -60,7 +62,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
                          num_workers=args.num_workers, compile=args.compile, packing=args.packing,
                          chunked_loss=args.chunked_loss, feature_cache=args.feature_cache,
                          device=args.device, dtype=args.dtype, parallel=args.parallel,
-                         grad_checkpointing=args.grad_checkpointing, overrides=parse_overrides(args.set))
+                         grad_checkpointing=args.grad_checkpointing, share_prefix=args.share_prefix,
+                         overrides=parse_overrides(args.set))
     if report["rank"] == 0:  # under torchrun: once
         print_report(report, table_rows, REFERENCE_TRAIN if args.data is None and not args.set else None, args.json)
     return 0

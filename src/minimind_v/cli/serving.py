@@ -78,10 +78,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_web(args: argparse.Namespace) -> int:
     _require("web", "gradio")
+    import torch
+
     from ..build import describe
+    from ..device import pick_device, serving_threads
     from ..serving.web import build_app
 
+    threads = serving_threads(pick_device(args.device), args.threads)  # a bad --threads fails before the model loads
     engine = engine_for(args)
+    if threads is not None:
+        torch.set_num_threads(threads)
     build_app(engine, model=f"{args.model} ({describe(engine.model)})").launch(server_name=args.host,
                                                                                server_port=args.port)
     return 0
@@ -130,4 +136,7 @@ def add_serving_parsers(sub) -> None:
     add_model_arguments(web, sampling=False)
     web.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     web.add_argument("--port", type=int, default=7860, help="port to listen on")
+    web.add_argument("--threads", type=int, metavar="N",
+                     help="torch's threads for the decode step (default on a CPU: one fewer than the cores, so the "
+                          "web server keeps one; on a GPU: torch's own)")
     web.set_defaults(func=cmd_web)
