@@ -86,16 +86,18 @@ def test_two_nodes_meet_through_a_rendezvous(workspace, one_process, tmp_path):
     assert any("injected failure at step 3 in rank 1" in r.stderr for r in failed)
 
 
-def test_fsdp_on_a_hugging_face_backbone_with_activation_checkpointing(workspace, tmp_path):
-    """A Qwen3 backbone, its first and last layers and the projector trained (frozen layers sharded too), layers
-    recomputed in the backward pass: FSDP = DDP on 2 processes. (Both differ from 1 process by up to 4e-5 here: the
-    backbone's padded attention sums in another order.)"""
+@pytest.mark.parametrize("adapters", [False, True])
+def test_fsdp_on_a_hugging_face_backbone_with_activation_checkpointing(workspace, tmp_path, adapters):
+    """A Qwen3 backbone, its first and last layers (or their LoRA adapters) and the projector trained (frozen
+    weights sharded too), layers recomputed in the backward pass: FSDP = DDP on 2 processes. (Both differ from 1
+    process by up to 4e-5 here: the backbone's padded attention sums in another order.)"""
     llm = save_backbone(tmp_path / "qwen3", "qwen3")
-    kw = dict(COMMON, freeze=1, grad_checkpointing=True, batch_size=4, grad_accum=1)
+    kw = dict(COMMON, freeze=1, grad_checkpointing=True, batch_size=4, grad_accum=1, lora_rank=4 if adapters else None)
     for parallel in ("ddp", "fsdp"):
         torchrun(hf_args(workspace, tmp_path / parallel, llm, parallel=parallel, **kw), tmp_path)
     ddp, fsdp = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
     assert any(key.startswith("language_model.") for key in ddp)  # the trained layers are in the checkpoint
+    assert adapters == any(".lora_" in key for key in ddp)
     assert_same_weights(ddp, fsdp)
     Trainer(hf_args(workspace, tmp_path / "one", llm, **{**kw, "grad_accum": 2})).run()
     one = weights(tmp_path / "one")
