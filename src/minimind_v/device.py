@@ -75,6 +75,14 @@ def init_distributed(use_cuda: bool | None = None) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def leave_distributed(world: int) -> None:
+    """Leave the process group `init_distributed` joined, at the end of a run (torchrun's processes exit cleanly)."""
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all processes (identity in a single process)."""
     import torch.distributed as dist

@@ -21,8 +21,7 @@ import time
 
 import torch
 
-from ..device import all_reduce_sum, synchronize
-from ..training.parallel import close
+from ..device import all_reduce_sum, leave_distributed, synchronize
 from ..training.trainer import TrainArgs, Trainer
 from .reference import PRESET, find_reference_tokenizer, make_reference_data, save_reference_tower
 
@@ -93,7 +92,7 @@ def bench_train(work_dir: str, data: str | None = None, rows: int = 2400, steps:
         steps_run = [(*total, t[4]) for total, t in zip(sums, steps_run)]
     out = {"tokenizer": tokenizer or "shipped default", **report(steps_run, clock.seconds(), losses, trainer, device),
            "warmup_steps": warmup, "warmup_seconds": round(warmed, 1)}
-    close(trainer.world)
+    leave_distributed(trainer.world)
     return out
 
 

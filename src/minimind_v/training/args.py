@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 # stage -> its defaults: which weights train (freeze) and whether the data is plain text
 STAGES = {"pretrain-llm": dict(freeze=0, text=True), "pretrain-vlm": dict(freeze=2, text=False),
           "sft": dict(freeze=1, text=False)}
+PARALLEL_MODES = ("ddp", "fsdp")  # --parallel (training/parallel.py)
 NOT_FLAGS = ("stage", "overrides", "loggers", "evaluate")  # set by positionals, --set, --log, or in code
 DERIVED = ("global_batch", "samples")  # what run.json adds to the arguments: ignored when it is read back as --config
 DATA_HELP = ("a .parquet in MiniMind-V's layout (conversations + image_bytes), a LLaVA-style .json/.jsonl "
@@ -99,7 +100,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, names: list[str] | None
             continue
         kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
         parser.add_argument(flag(f.name), type=kind, default=default, help=f.metadata["help"],
-                            choices={"freeze": [0, 1, 2], "parallel": ["ddp", "fsdp"]}.get(f.name))
+                            choices={"freeze": [0, 1, 2], "parallel": list(PARALLEL_MODES)}.get(f.name))
 
 
 def read_config_file(path: str) -> dict:

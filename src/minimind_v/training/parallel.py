@@ -25,7 +25,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
-MODES = ("ddp", "fsdp")
+from .args import PARALLEL_MODES
+
 
 
 class Parallel:
@@ -33,8 +34,8 @@ class Parallel:
 
     def __init__(self, mode: str, world: int, device: torch.device, dtype: torch.dtype, evaluates: bool = False):
         """`evaluates`: the main process will evaluate the model during the run (--eval-every)."""
-        if mode not in MODES:
-            raise ValueError(f"--parallel must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode not in PARALLEL_MODES:
+            raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
         if mode == "fsdp" and dtype == torch.float16:
             raise ValueError("--parallel fsdp trains in bf16 or fp32 (fp16 would need a sharded gradient scaler): "
                              "pass --dtype bf16 (or fp32)")
@@ -140,8 +141,3 @@ def by_name(saved: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> 
     groups = [{**g, "params": [number_to_name[n] for n in g["params"]]} for g in saved["param_groups"]]
     return {"state": {number_to_name[n]: s for n, s in saved["state"].items()}, "param_groups": groups}
 
-
-def close(world: int) -> None:
-    """Leave the process group at the end of a run (torchrun's processes exit cleanly)."""
-    if world > 1 and dist.is_initialized():
-        dist.destroy_process_group()

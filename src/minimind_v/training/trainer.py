@@ -29,7 +29,7 @@ from ..data.batching import collate, pack
 from ..data.datasets import ConversationDataset, TextDataset
 from ..data.records import SUPPORTED_EXTENSIONS
 from ..data.skips import SkipStats
-from ..device import all_reduce_sum, compute_dtype, init_distributed, pick_device
+from ..device import all_reduce_sum, compute_dtype, init_distributed, leave_distributed, pick_device
 from ..models.attention import PackedMask, varlen_ready
 from ..models.image_features import ImageFeatures, tower_id
 from ..models.vision_tower import image2tensor
@@ -40,7 +40,7 @@ from .checkpointing import (RunPosition, TrainState, check_settings, latest_chec
                             open_run_folder, save_checkpoint)
 from .guards import SkipGuard, StopRequest, TrainingInterrupted, check_finite_loss
 from .loss import chunked_summed_loss, summed_loss
-from .parallel import Parallel, close
+from .parallel import Parallel
 from .optim import (
     apply_freeze,
     count_parameters,
@@ -98,8 +98,7 @@ class Trainer:
                                final, self.args.keep_checkpoints, main=self.rank == 0)
         if self.features is not None and self.rank == 0:
             self.features.save()
-        if self.world > 1:
-            torch.distributed.barrier()
+        self.parallel.barrier()
         return path
 
     def _resume_from(self, at: RunPosition) -> None:
@@ -189,7 +188,7 @@ class Trainer:
         summary = {"steps": self.step, "seconds": round(time.time() - start, 1), "skipped": self.stats.summary(),
                    **self.params, **last}
         self.log.finish(summary)
-        close(self.world)
+        leave_distributed(self.world)
         return summary
 
     def _run_steps(self) -> dict:
