@@ -31,6 +31,16 @@ def test_bench_decode_builds_the_reference_model(capsys):
     assert figures["batch 2: prefill"].endswith(" ms") and "34 at batch 1 on a 2-core CPU" in out  # the original's figure
 
 
+def test_bench_decode_chain_length(capsys):
+    """`--chain N` reaches the engine (its decoding mode names it where steps are fixed-shape: compiled on a CPU);
+    a chain shorter than one step is refused before any model is built."""
+    with pytest.raises(SystemExit, match="--chain must be at least 1"):
+        main(["bench", "decode", "--device", "cpu", "--chain", "0"])
+    assert main(["bench", "decode", "--device", "cpu", "--new-tokens", "4", "--batch", "1", "--runs", "1", "--compile",
+                 "--chain", "2", *SMALL_LLM]) == 0
+    assert capsys.readouterr().out.startswith("bench decode: cpu, float32, compiled static steps, up to 2 greedy")
+
+
 def test_bench_train_reports_throughput(workspace, tmp_path, capsys):
     args = ["bench", "train", "--work-dir", str(tmp_path), "--data", workspace["sft"], "--steps", "2", "--warmup",
             "1", "--batch-size", "4", "--max-seq-len", "128", "--device", "cpu", *SMALL_LLM]

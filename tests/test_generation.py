@@ -212,6 +212,40 @@ def test_static_decode_steps_equal_the_dynamic_cache(engine):
     assert len(static.decoders.decoders) == 1
 
 
+def test_chained_greedy_steps_equal_single_steps(engine, monkeypatch):
+    """A chain of greedy fixed-shape steps in one call (what one CUDA graph replays on a GPU, run eagerly here)
+    gives the tokens of single steps: padded rows with images, different limits, a stop string, streamed deltas
+    that add up to the text; a sampled row in the batch decodes step by step (its own generator) and a chain that
+    would leave the buffer is refused."""
+    from minimind_v.generation.static_decode import DecoderPool, StaticDecoder
+
+    counts, chain = [], StaticDecoder._chain
+    monkeypatch.setattr(StaticDecoder, "_chain", lambda self, count: counts.append(count) or chain(self, count))
+    requests = [ask("hi", [], max_new_tokens=21), ask("two pictures, please", [image(2), image(3)], max_new_tokens=5),
+                ask("and this one", [image(4)], max_new_tokens=13)]
+    single = engine.generate(requests)
+    stop = single[0].text[3:5]
+    requests.append(ask("hi", [], max_new_tokens=21, stop=[stop]))
+    single.append(engine.generate(requests[-1:])[0])
+    chained = Engine(engine.model, engine.tokenizer, chain=8)
+    chained.decoders = DecoderPool()
+    texts = [""] * len(requests)
+    for delta in chained.stream(requests):
+        texts[delta.index] += delta.text
+        if delta.result is not None:
+            got, want = delta.result, single[delta.index]
+            assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+    assert texts == [r.text for r in single] and single[-1].finish_reason == "stop"
+    assert counts == [8, 8, 4]  # 21 tokens: the prefill's, 8 + 8 + 4 chained
+    decoder = next(iter(chained.decoders.decoders.values()))
+    assert sorted(decoder.chains) == [] and decoder.use_graph is False  # eager: no graphs recorded on a CPU
+    sampled = requests[:2] + [ask("hi", [], max_new_tokens=9, temperature=1.0, seed=3)]
+    assert [r.token_ids for r in chained.generate(sampled)] == [r.token_ids for r in engine.generate(sampled)]
+    assert counts == [8, 8, 4]  # no chain with a sampled row
+    with pytest.raises(ValueError, match="leaves the"):
+        decoder.chain(torch.zeros(decoder.feed.shape, dtype=torch.long), decoder.max_len - 4, 8)
+
+
 def test_compiled_cpu_decoding_equals_eager_decoding(engine):
     """On a CPU `compile=True` decodes through the compiled fixed-shape step (weights frozen into it); at batch 1
     every matrix product of the step (7 per layer and the LM head) becomes Inductor's fused multiply-and-sum."""

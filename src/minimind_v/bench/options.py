@@ -15,6 +15,8 @@ def add_decode_bench_arguments(decode: argparse.ArgumentParser) -> None:
     decode.add_argument("--images", type=int, default=1, help="images per prompt (0 for text only)")
     decode.add_argument("--runs", type=int, default=3, help="timed runs (the median is reported) after one warm-up")
     decode.add_argument("--no-graphs", action="store_true", help="decode step by step, without CUDA graphs")
+    decode.add_argument("--chain", type=int, metavar="N",
+                        help="greedy steps per CUDA graph replay (default: 16 on a GPU, 1 on a CPU)")
     decode.add_argument("--profile", metavar="TRACE.json", help="also write a torch profiler Chrome trace")
     decode.add_argument("--compare-generate", action="store_true",
                         help="also time transformers' model.generate on the same prompts")

@@ -13,7 +13,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench.decode import bench, table_rows
     from ..bench.reference import REFERENCE_DECODE
 
-    engine = engine_for(args, cuda_graphs=not args.no_graphs)
+    if args.chain is not None and args.chain < 1:
+        raise SystemExit("error: --chain must be at least 1")
+    engine = engine_for(args, cuda_graphs=not args.no_graphs, chain=args.chain)
     report = bench(engine, args.prompt_tokens, args.new_tokens, args.batch, args.images, args.runs, args.profile,
                    args.compare_generate)
     print_report(report, table_rows, REFERENCE_DECODE if args.model is None and not args.set else None, args.json)

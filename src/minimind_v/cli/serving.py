@@ -9,7 +9,7 @@ import sys
 from .options import add_model_argument
 
 
-def engine_for(args: argparse.Namespace, cuda_graphs: bool = True):
+def engine_for(args: argparse.Namespace, cuda_graphs: bool = True, chain: int | None = None):
     from ..build import describe, load_for_inference
     from ..config import parse_overrides
     from ..generation import Engine
@@ -23,7 +23,7 @@ def engine_for(args: argparse.Namespace, cuda_graphs: bool = True):
         model, tokenizer = load_for_inference(args.model, args.tokenizer, args.vision, args.device, args.dtype,
                                               **parse_overrides(args.set))
     print(f"[minimind-v] {args.model or 'reference model'}: {describe(model)}", file=sys.stderr)
-    return Engine(model, tokenizer, cuda_graphs=cuda_graphs, compile=args.compile)
+    return Engine(model, tokenizer, cuda_graphs=cuda_graphs, compile=args.compile, chain=chain)
 
 
 def _sampling(args: argparse.Namespace):

@@ -3,8 +3,8 @@
     requests (chat messages or raw text with `<image>` markers, PIL images, SamplingParams)
     -> left-padded batch [B, L] + image features [num_images, T, ve]
     -> prefill (images spliced in) into a KV cache preallocated for L + max_new_tokens
-    -> decode one token per step for every unfinished row (a replayed CUDA graph for dense MiniMind models on a
-       GPU, static_decode.py); each row stops on EOS, a stop string or its own limit
+    -> decode one token per step for every unfinished row (a replayed CUDA graph on a GPU, static_decode.py; a
+       greedy batch chains up to CHAIN steps in one replay); each row stops on EOS, a stop string or its own limit
     -> text deltas as they are decoded (`stream`), or whole results (`generate`)
 
 One batch runs at a time (a lock), so concurrent callers queue instead of corrupting each other's cache. The lock is
@@ -31,6 +31,8 @@ from .rows import Row, text_decoder
 from .sampling import TokenChooser
 from .static_decode import DecoderPool, static_possible
 
+CHAIN = 16  # greedy fixed-shape steps per replay on a GPU: the host reads tokens back once per 16, not every token
+
 
 @dataclass
 class DecodeState:
@@ -44,7 +46,7 @@ class DecodeState:
 
 class Engine:
     def __init__(self, model, tokenizer, features: ImageFeatures | None = None, cuda_graphs: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, chain: int | None = None):
         """`features`: the tower behind a feature cache (evaluation reuses cached features); by default the
         model's own tower, uncached. `cuda_graphs`: replay decode steps as CUDA graphs where possible;
         `compile`: torch.compile the fixed-shape step (fewer, fused kernels; compiles once per batch shape) - on
@@ -53,6 +55,7 @@ class Engine:
         on_gpu = model.device.type == "cuda"
         wanted = cuda_graphs if on_gpu else compile  # a CPU gains from static steps only when they are compiled
         self.decoders = DecoderPool(compile=compile) if wanted and static_possible(model) else None
+        self.chain = chain if chain is not None else CHAIN if on_gpu else 1
         tower = model.vision_tower
         self.features = features or (ImageFeatures(tower) if tower is not None else None)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -69,12 +72,13 @@ class Engine:
         return self.model.device
 
     def decoding_mode(self) -> str:
-        """How decode steps run: 'step by step', 'CUDA graphs', 'compiled CUDA graphs' or 'compiled static steps'."""
+        """How decode steps run: 'step by step', '(compiled) CUDA graphs' or 'compiled static steps', with the
+        number of greedy steps a replay chains when more than one."""
         if self.decoders is None:
             return "step by step"
-        if self.device.type == "cuda":
-            return "compiled CUDA graphs" if self.decoders.compile else "CUDA graphs"
-        return "compiled static steps"
+        mode = "CUDA graphs" if self.device.type == "cuda" else "static steps"
+        mode = f"compiled {mode}" if self.decoders.compile else mode
+        return mode + (f", up to {self.chain} greedy steps a replay" if self.chain > 1 else "")
 
     def check_prompt_size(self, request: GenerationRequest) -> None:
         """RequestError when the prompt's text is too long to fit the context whatever its tokens (cheap: counts
@@ -113,7 +117,7 @@ class Engine:
     # Inference mode is thread-local and a streaming caller (a web server) may resume this generator on another
     # thread, so each step enters it afresh and no `yield` happens inside it.
     def _decode(self, rows: list[Row], requests: list[GenerationRequest]) -> Iterator[StreamDelta]:
-        start, prefill_done = time.perf_counter(), None
+        start = time.perf_counter()
         cancels = [r.cancel for r in requests]
         yield from self._cancelled(rows, cancels, start, start)
         if all(row.finish is not None for row in rows):
@@ -121,24 +125,22 @@ class Engine:
         with torch.inference_mode():
             state = self._prefill(rows, requests)
             choosers = [TokenChooser(row.params, self.device) for row in rows]
+            runs = [[token] for token in self._choose(rows, choosers, state.history, state.logits)]  # device done
+        prefill_done = time.perf_counter()  # prefill = time to the first token
         while True:
-            yield from self._cancelled(rows, cancels, start, prefill_done or time.perf_counter())
+            yield from self._cancelled(rows, cancels, start, prefill_done)
+            for i, (row, run) in enumerate(zip(rows, runs)):
+                if row.finish is not None:
+                    continue  # ended before (cancelled, or a chain's tokens after its end)
+                delta = "".join(row.push(token) for token in run if row.finish is None)
+                if row.finish is not None:
+                    yield StreamDelta(i, delta, self._result(row, start, prefill_done))
+                elif delta:
+                    yield StreamDelta(i, delta)
             if all(row.finish is not None for row in rows):
                 return
             with torch.inference_mode():
-                tokens = self._choose(rows, choosers, state.history, state.logits)  # a list: device done
-            prefill_done = prefill_done or time.perf_counter()  # prefill = time to the first token
-            for i, (row, token) in enumerate(zip(rows, tokens)):
-                if row.finish is None:
-                    delta = row.push(token)
-                    if row.finish is not None:
-                        yield StreamDelta(i, delta, self._result(row, start, prefill_done))
-                    elif delta:
-                        yield StreamDelta(i, delta)
-            if all(row.finish is not None for row in rows):
-                return
-            with torch.inference_mode():
-                self._advance(state, rows, tokens)
+                runs = self._advance(state, rows, runs, choosers)
 
     def _cancelled(self, rows: list[Row], cancels: Iterable[threading.Event | None], start: float,
                    prefill_done: float) -> Iterator[StreamDelta]:
@@ -178,18 +180,36 @@ class Engine:
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         return DecodeState(cache, full_mask if padded else None, decoder, ids, out.logits[:, -1])
 
-    def _advance(self, state: DecodeState, rows: list[Row], tokens: list[int]) -> None:
-        """Feed each row's new token (a pad for finished rows) and keep the next logits [B, V]."""
-        feed = torch.tensor([[t if row.finish is None else self.pad_id] for row, t in zip(rows, tokens)],
+    def _advance(self, state: DecodeState, rows: list[Row], runs: list[list[int]],
+                 choosers: list[TokenChooser]) -> list[list[int]]:
+        """Feed each running row its last token (a pad for finished rows): -> the next tokens of every row (an
+        empty run for finished rows): one, or a chain of greedy steps in one replay."""
+        feed = torch.tensor([[run[-1] if row.finish is None else self.pad_id] for row, run in zip(rows, runs)],
                             device=self.device)  # [B, 1]
+        position = state.history.shape[1]  # the fed token's buffer position
+        count = self._chain_length(state, rows, choosers, position)
+        if count > 1:
+            chosen = state.decoder.chain(feed, position, count)  # [B, count]
+            state.history = torch.cat([state.history, feed, chosen[:, :-1]], dim=1)
+            return [tokens if row.finish is None else [] for row, tokens in zip(rows, chosen.tolist())]
         state.history = torch.cat([state.history, feed], dim=1)
-        seen = state.history.shape[1]
-        if state.decoder is not None:  # the fed token sits at buffer position seen - 1
-            state.logits = state.decoder.step(feed, seen - 1)
-            return
-        mask = state.mask[:, :seen] if state.mask is not None else None
-        out = self.model(input_ids=feed, attention_mask=mask, past_key_values=state.cache, use_cache=True)
-        state.logits = out.logits[:, -1]
+        if state.decoder is not None:
+            state.logits = state.decoder.step(feed, position)
+        else:
+            mask = state.mask[:, :position + 1] if state.mask is not None else None
+            out = self.model(input_ids=feed, attention_mask=mask, past_key_values=state.cache, use_cache=True)
+            state.logits = out.logits[:, -1]
+        return [[token] if row.finish is None else [] for row, token in
+                zip(rows, self._choose(rows, choosers, state.history, state.logits))]
+
+    def _chain_length(self, state: DecodeState, rows: list[Row], choosers: list[TokenChooser], position: int) -> int:
+        """How many greedy steps the next replay may chain: a power of two up to `self.chain`, no more than any
+        running row still needs nor than the buffer holds; 1 when a row samples or penalises repetition."""
+        if state.decoder is None or self.chain < 2 or not all(not c.processors and c.params.greedy for c in choosers):
+            return 1
+        needed = max(row.max_new - len(row.tokens) for row in rows if row.finish is None)
+        limit = min(self.chain, needed, state.decoder.max_len - position)
+        return 1 << (max(limit, 1).bit_length() - 1)
 
     def _choose(self, rows: list[Row], choosers: list[TokenChooser], history: torch.Tensor,
                 logits: torch.Tensor) -> list[int]:

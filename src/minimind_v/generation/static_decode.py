@@ -7,13 +7,15 @@ the same shapes can be captured once as a CUDA graph and replayed: one launch in
 kernel, which is what bounds a small model's decoding on a GPU.
 
     StaticCache        PreallocatedCache + `static` mode: writes at `position` (a tensor), returns whole buffers
-    StaticDecoder      per (batch, max_len): the static inputs, the captured graph, `step(tokens, position)`
+    StaticDecoder      per (batch, max_len): the static inputs, the captured graphs, `step(tokens, position)`, and
+                       `chain(tokens, position, count)`: `count` greedy steps in one replay (each step's argmax fed
+                       to the next on the device), so the host waits once per `count` tokens instead of every token
     DecoderPool        the engine's few decoders, reused across generations of the same (batch, max_len bucket)
 
 Models that answer `supports_static_decode` use static steps - dense MiniMind models, and Hugging Face backbones that
 attend under the 4-D mask they are given (a mixture of experts routes with data-dependent shapes; a sliding window
-would need its own mask): on CUDA as graphs, on a CPU only when compiled (`Engine(compile=True)`:
-the step through torch.compile with the weights frozen in and each one-row matrix product as one fused pass over its
+would need its own mask): on CUDA as graphs (with `Engine(compile=True)` compiled before their capture, the weights
+frozen in: `step_options`), on a CPU only when compiled (each one-row matrix product as one fused pass over its
 weight, see `cpu_step_options`; eager static steps are no faster than the dynamic cache there). Elsewhere the engine
 decodes step by step. `StaticDecoder(use_graph=False)` runs the same static step without a graph, which the tests
 compare with the dynamic cache.
@@ -62,21 +64,27 @@ class StaticCache(PreallocatedCache):
 
 
 class StaticDecoder:
-    """Fixed-shape decode steps for `batch` rows over a `max_len` cache; a CUDA graph when `use_graph`."""
+    """Fixed-shape decode steps for `batch` rows over a `max_len` cache; CUDA graphs when `use_graph`."""
 
     def __init__(self, model, batch: int, max_len: int, use_graph: bool, compile: bool = False):
         device = model.device
         self.model, self.use_graph = model, use_graph
         self.run = torch.compile(self._forward, dynamic=False) if compile else self._forward  # fuses the small ops
+        self.options = step_options(device) if compile else contextlib.nullcontext
         # recorded at the first step (its warm-up writes land at the current position, which that step rewrites)
-        self.graphed = Graphed(self.run)
-        self.cpu_compiled = compile and device.type == "cpu"
+        self.graphed = Graphed(lambda: self.run(self.ids, self.mask))
         self.cache = StaticCache(model.config.num_hidden_layers, max_len, device)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # [B, max_len]: not padding
         self.mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=device)  # [B, 1, 1, max_len]
         self.arange = torch.arange(max_len, device=device)
+        self.feed = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]: a chain's first input
+        self.base = torch.zeros(1, dtype=torch.long, device=device)  # [1]: its buffer position
+        self.chains: dict[int, Graphed] = {}  # by count
+
+    @property
+    def max_len(self) -> int:
+        return self.arange.shape[0]
 
     def start(self, padding_mask: torch.Tensor | None) -> StaticCache:
         """Before a prefill: padding_mask [B, L] (1 = token) of the prompt, or None; returns the emptied cache."""
@@ -89,18 +97,49 @@ class StaticDecoder:
     def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """tokens [B, 1] at buffer `position` -> next-token logits [B, V] (a view, valid until the next step)."""
         self.ids.copy_(tokens)
-        self.positions.fill_(position)
         self.cache.position.fill_(position)
         self.mask.copy_((self.valid & (self.arange <= position))[:, None, None, :])
         self.cache.set_static(True)
-        if not self.use_graph:
-            with cpu_step_options() if self.cpu_compiled else contextlib.nullcontext():
-                return self.run()
-        return self.graphed()
+        with self.options():
+            return self.graphed() if self.use_graph else self.run(self.ids, self.mask)
 
-    def _forward(self) -> torch.Tensor:
-        out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+    def chain(self, tokens: torch.Tensor, position: int, count: int) -> torch.Tensor:
+        """Greedy decoding of `count` steps: tokens [B, 1] fed at buffer `position` -> the next `count` tokens of
+        every row [B, count] (a view, valid until the next call); the positions up to position + count - 1 must
+        lie in the buffer."""
+        if position + count > self.max_len:
+            raise ValueError(f"a chain of {count} steps from position {position} leaves the {self.max_len}-position "
+                             "buffer")
+        self.feed.copy_(tokens)
+        self.base.fill_(position)
+        self.cache.set_static(True)
+        with self.options():
+            if not self.use_graph:
+                return self._chain(count)
+            if count not in self.chains:
+                self.chains[count] = Graphed(lambda: self._chain(count))  # recorded once per count, as `step` is
+            return self.chains[count]()
+
+    def _chain(self, count: int) -> torch.Tensor:
+        """`count` steps from the static inputs `feed` and `base` (left unchanged, so a graph's warm-up runs and
+        its replays all start from them). The step's inputs are handed over, not copied into place: each step's
+        mask is a slice of all of them, computed at once, and its argmax is the next step's input."""
+        positions = self.base + torch.arange(count, device=self.base.device)  # [count]
+        masks = self.valid[None] & (self.arange[None, None] <= positions[:, None, None])  # [count, B, max_len]
+        masks = masks.view(count, *self.mask.shape)  # [count, B, 1, 1, max_len]: each slice shaped as `mask`
+        ids, chosen = self.feed, []
+        for j in range(count):
+            self.cache.position.copy_(positions[j:j + 1])  # where every layer writes, and the rotary position
+            ids = self.run(ids, masks[j]).argmax(-1, keepdim=True)  # [B, 1]
+            chosen.append(ids)
+        return torch.cat(chosen, dim=1)  # [B, count]
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids [B, 1] at buffer position `cache.position` (the rotary position of every row too), mask
+        [B, 1, 1, max_len] -> next-token logits [B, V]."""
+        positions = self.cache.position.view(1, 1).expand(ids.shape[0], 1)  # [B, 1]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]  # [B, V]
 
 
@@ -122,14 +161,20 @@ class DecoderPool:
         return self.decoders[key]
 
 
+def step_options(device: torch.device):
+    """How Inductor compiles a step on `device` (a context manager factory). The engine runs the model under
+    inference_mode and never changes its weights, so they are frozen into the graph as constants (on a GPU this also
+    folds the concatenated weights of the fused projections, see models/attention.py, into one weight each)."""
+    return cpu_step_options if device.type == "cpu" else lambda: torch._inductor.config.patch({"freezing": True})
+
+
 @contextlib.contextmanager
 def cpu_step_options():
-    """How Inductor compiles a CPU step. The engine runs the model under inference_mode and never changes its
-    weights, so they are frozen into the graph as constants. A one-row step is a chain of matrix-vector products,
-    bound by reading the weights once; MKL's GEMV reads them at about half of a 2-core machine's memory bandwidth.
-    Inductor's own `decompose_mm_pass` rewrites each [1, K] x [K, N] product into a multiply and a sum, which it
-    fuses into one vectorised pass over the weight: its CPU size limit (2,048) is lifted to cover every layer, and
-    the weights stay unpacked (MKL's packed layout only serves its own kernels; at batch 8 it was no faster)."""
+    """On a CPU a one-row step is a chain of matrix-vector products, bound by reading the weights once; MKL's GEMV
+    reads them at about half of a 2-core machine's memory bandwidth. Inductor's own `decompose_mm_pass` rewrites
+    each [1, K] x [K, N] product into a multiply and a sum, which it fuses into one vectorised pass over the
+    weight: its CPU size limit (2,048) is lifted to cover every layer, and the weights stay unpacked (MKL's packed
+    layout only serves its own kernels; at batch 8 it was no faster)."""
     from torch._inductor.fx_passes import decompose_mem_bound_mm
 
     options = {"freezing": True, "cpp.weight_prepack": False, "post_grad_fusion_options": {"decompose_mm_pass": {}}}

@@ -47,6 +47,20 @@ class PackedMask:
         return (allowed & causal)[:, None]
 
 
+def projections(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """x [..., in] through several projections of the same input (q/k/v, gate/up) -> their outputs. Inside a
+    compiled step on a GPU with no gradients (inference) one product with their concatenated weights: one kernel
+    instead of one each, where a small model's decode step is bound by kernel launches; the engine's compiled steps
+    freeze the weights, so the concatenation is folded into a constant (generation/static_decode.py). Elsewhere (and
+    for adapted or biased layers) one product each: the same numbers up to the kernels' summation order."""
+    fuse = (torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.is_cuda
+            and all(type(linear) is nn.Linear and linear.bias is None for linear in linears))
+    if not fuse:
+        return tuple(linear(x) for linear in linears)
+    fused = F.linear(x, torch.cat([linear.weight for linear in linears]))  # [..., sum of outs]
+    return fused.split([linear.out_features for linear in linears], dim=-1)
+
+
 def varlen_ready(flash_attn: bool, dropout: float, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a `PackedMask` runs as variable-length FlashAttention (else as its dense mask): SDPA attention
     (config.flash_attn), no attention dropout, CUDA, half precision."""
@@ -73,9 +87,10 @@ class Attention(nn.Module):
                 cache: Cache | None) -> torch.Tensor:
         """x [B, L, hidden], cos/sin [B, 1, L, D], mask None or bool [B, 1, L, S] -> [B, L, hidden]."""
         bsz, seq_len, _ = x.shape
-        q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim)  # [B, L, H, D]
-        k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, L, Hkv, D]
-        v = self.v_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)
+        q, k, v = projections(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.reshape(bsz, seq_len, self.num_heads, self.head_dim)  # [B, L, H, D]
+        k = k.reshape(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, L, Hkv, D]
+        v = v.reshape(bsz, seq_len, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), L, D]

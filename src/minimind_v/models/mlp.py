@@ -13,6 +13,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..config import MiniMindVConfig
+from .attention import projections
 
 
 class MLP(nn.Module):
@@ -27,7 +28,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+        gate, up = projections(x, self.gate_proj, self.up_proj)
+        return self.dropout(self.down_proj(self.act_fn(gate) * up))
 
 
 class MoEGate(nn.Module):
