@@ -60,9 +60,9 @@ def engine_counted(engine, monkeypatch):
         calls["prefill"] += 1
         return prefill(rows, requests)
 
-    def counting_advance(state, rows, tokens):
+    def counting_advance(*args):
         calls["steps"] += 1
-        return advance(state, rows, tokens)
+        return advance(*args)
 
     monkeypatch.setattr(engine, "_prefill", counting_prefill)
     monkeypatch.setattr(engine, "_advance", counting_advance)
