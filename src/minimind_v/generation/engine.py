@@ -9,8 +9,9 @@
 
 One batch runs at a time (a lock), so concurrent callers queue instead of corrupting each other's cache. The lock is
 held while a `stream` generator is open: a consumer that may stop reading must close it, or use a worker
-(worker.py: one thread owns the engine). A request's `cancel` event, when set, ends that request at the next step
-(finish_reason "cancelled"); a request cancelled before its batch starts costs no prefill.
+(worker.py: one thread owns the engine). A request's `cancel` event, when set, ends that request at the next step,
+or at the end of the chain of steps running (finish_reason "cancelled"); a request cancelled before its batch
+starts costs no prefill.
 """
 
 from __future__ import annotations
