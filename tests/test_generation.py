@@ -246,6 +246,32 @@ def test_chained_greedy_steps_equal_single_steps(engine, monkeypatch):
         decoder.chain(torch.zeros(decoder.feed.shape, dtype=torch.long), decoder.max_len - 4, 8)
 
 
+def test_a_chain_ends_rows_at_eos_and_cancels_at_its_end(engine, monkeypatch):
+    """A row whose EOS comes inside a chain ends there (the chain's later tokens dropped), as with single steps;
+    a request cancelled while it decodes ends at the end of the running chain, with the text released so far."""
+    import threading
+
+    from minimind_v.generation.static_decode import DecoderPool
+
+    chained = Engine(engine.model, engine.tokenizer, chain=8)
+    chained.decoders = DecoderPool()
+    cancelled = [ask("hi", [], max_new_tokens=40, ignore_eos=True)]
+    cancelled[0].cancel = threading.Event()
+    for delta in chained.stream(cancelled):
+        cancelled[0].cancel.set()  # at the first text
+        if delta.result is not None:
+            result = delta.result
+    assert result.finish_reason == "cancelled" and len(result.token_ids) < 40
+    assert (len(result.token_ids) - 1) % 8 == 0  # the prefill's token, then whole chains
+    requests = [ask("hi", [], max_new_tokens=20), ask("a picture", [image(5)], max_new_tokens=20)]
+    eos = engine.generate(requests)[0].token_ids[5]  # row 0 meets it at its sixth token: inside the first chain
+    monkeypatch.setattr(engine, "eos_ids", engine.eos_ids | {eos})
+    monkeypatch.setattr(chained, "eos_ids", engine.eos_ids)
+    single, got = engine.generate(requests), chained.generate(requests)
+    assert [(r.token_ids, r.finish_reason) for r in got] == [(r.token_ids, r.finish_reason) for r in single]
+    assert got[0].finish_reason == "stop" and len(got[0].token_ids) <= 5
+
+
 def test_compiled_cpu_decoding_equals_eager_decoding(engine):
     """On a CPU `compile=True` decodes through the compiled fixed-shape step (weights frozen into it); at batch 1
     every matrix product of the step (7 per layer and the LM head) becomes Inductor's fused multiply-and-sum."""
