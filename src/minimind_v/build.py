@@ -18,6 +18,7 @@ from .config import MiniMindVConfig
 from .data.tokenizer import IMAGE_PAD_TOKEN, image_placeholder_config, load_tokenizer
 from .device import compute_dtype, pick_device
 from .models import build_vlm, load_vlm
+from .models.quantize import int8_weights, quantize_int8
 
 
 def tokenizer_fields(tokenizer) -> dict:
@@ -96,20 +97,26 @@ def training_tokenizer(args):
 
 
 def load_for_inference(path: str, tokenizer: str | None = None, vision: str | None = None, device: str = "auto",
-                       dtype: str = "auto", **overrides):
+                       dtype: str = "auto", int8: bool = False, **overrides):
     """-> (model in eval mode on `device` in the policy's dtype, tokenizer): `load_model`, then `for_inference`."""
     model, tok = load_model(path, tokenizer, vision, **overrides)
-    return for_inference(model, device, dtype), tok
+    return for_inference(model, device, dtype, int8), tok
 
 
-def for_inference(model, device: str = "auto", dtype: str = "auto"):
-    """The model on `device`, cast to the dtype policy's compute dtype (bf16 on GPUs that have it), in eval mode."""
+def for_inference(model, device: str = "auto", dtype: str = "auto", int8: bool = False):
+    """The model on `device`, cast to the dtype policy's compute dtype (bf16 on GPUs that have it), in eval mode;
+    `int8`: its decoder layers' weights int8 (models/quantize.py)."""
     target = pick_device(device)
-    return model.to(target, compute_dtype(target, dtype)).eval()
+    model = model.to(target, compute_dtype(target, dtype)).eval()
+    if int8:
+        quantize_int8(model)
+    return model
 
 
 def describe(model) -> str:
-    """'26.2M parameters on cuda:0 in torch.bfloat16'."""
-    params = sum(p.numel() for p in model.parameters())
+    """'26.2M parameters on cuda:0 in bfloat16' (', 23.6M of them int8' when quantized)."""
+    quantized = int8_weights(model)
+    params = sum(p.numel() for p in model.parameters()) + quantized
     dtype = next(model.parameters()).dtype
-    return f"{params / 1e6:.1f}M parameters on {model.device} in {str(dtype).replace('torch.', '')}"
+    return (f"{params / 1e6:.1f}M parameters on {model.device} in {str(dtype).replace('torch.', '')}"
+            + (f", {quantized / 1e6:.1f}M of them int8" if quantized else ""))

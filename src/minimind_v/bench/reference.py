@@ -58,9 +58,10 @@ def reference_model(tower: str | None, **overrides):
     return new_model(PRESET, vision=tower, overrides=overrides, seed=0)
 
 
-def reference_for_inference(with_tower: bool = True, device: str = "auto", dtype: str = "auto", **overrides):
+def reference_for_inference(with_tower: bool = True, device: str = "auto", dtype: str = "auto", int8: bool = False,
+                            **overrides):
     """The reference 768 x 8 model (random weights; a random SigLIP B/32-256 tower unless `with_tower` is False)
-    on `device` in the policy's dtype -> (model, tokenizer)."""
+    on `device` in the policy's dtype (`int8`: its decoder layers' weights int8) -> (model, tokenizer)."""
     import tempfile
 
     from ..build import for_inference
@@ -68,7 +69,7 @@ def reference_for_inference(with_tower: bool = True, device: str = "auto", dtype
     tower = save_reference_tower(os.path.join(tempfile.gettempdir(), "minimind-v-reference-tower")) if with_tower \
         else None
     model, tokenizer = reference_model(tower, **overrides)
-    return for_inference(model, device, dtype), tokenizer
+    return for_inference(model, device, dtype, int8), tokenizer
 
 
 def find_generator(path: str | None = None) -> str:

@@ -133,6 +133,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     stats = SkipStats()
     items = load_eval_items(args.data, args.image_root, stats)[:args.limit]
     model, tokenizer = load_saved(args.model, args.tokenizer)
+    if args.int8:
+        from ..models.quantize import quantize_int8
+
+        quantize_int8(model.eval())
     settings = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stats=stats,
                     keep_predictions=bool(args.output))
     report = (evaluate_with_baselines(model.eval(), tokenizer, items, progress=True, **settings) if args.baselines
@@ -207,6 +211,8 @@ def add_other_parsers(sub) -> None:
     ev.add_argument("--limit", type=int, help="score only the first N questions")
     ev.add_argument("--batch-size", type=int, default=64, help="questions answered together")
     ev.add_argument("--max-new-tokens", type=int, default=16, help="the longest answer generated")
+    ev.add_argument("--int8", action="store_true", help="answer with the decoder layers' weights as int8 (as chat, "
+                                                        "serve, web and bench decode --int8)")
     ev.add_argument("--output", metavar="FILE.jsonl", help="write every answer (question, answer, prediction, "
                                                               "correct, type) to this file")
     ev.add_argument("--baselines", action="store_true",
