@@ -54,3 +54,17 @@ def test_int8_flag_of_bench_decode(capsys):
     assert main(["bench", "decode", "--device", "cpu", "--new-tokens", "4", "--batch", "1", "--runs", "1",
                  "--images", "0", "--int8", *small]) == 0
     assert "of them int8" in capsys.readouterr().err
+
+
+def test_eval_int8_answers_with_int8_layers(model_dir, tmp_path, monkeypatch):
+    import json
+
+    import minimind_v.models.quantize as quantize
+
+    replaced = []  # what each quantize_int8 call replaced (the original function, counted)
+    monkeypatch.setattr(quantize, "quantize_int8", lambda model: replaced.append(quantize_int8(model)))
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "what color?", "answer": "red"}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    assert main(["eval", str(model_dir), "--data", str(data), "--output", str(out), "--int8"]) == 0
+    assert len(replaced) == 1 and replaced[0] > 0 and len(out.read_text().splitlines()) == 1
