@@ -108,7 +108,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True, 
                              "Compiling takes ~15 s on a CPU, once per batch size and length bucket")
     parser.add_argument("--int8", action="store_true",
                         help="the decoder layers' weights as int8 (one scale per output channel): a quarter of "
-                             "their memory; with --compile on a CPU about 3x the tokens/s at batch 1")
+                             "their memory; with --compile on a CPU about 2.5x the tokens/s at batch 1")
     if sampling:
         parser.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens")
         parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

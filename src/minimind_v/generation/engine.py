@@ -206,7 +206,7 @@ class Engine:
     def _chain_length(self, state: DecodeState, rows: list[Row], choosers: list[TokenChooser], position: int) -> int:
         """How many greedy steps the next replay may chain: a power of two up to `self.chain`, no more than any
         running row still needs nor than the buffer holds; 1 when a row samples or penalises repetition."""
-        if state.decoder is None or self.chain < 2 or not all(not c.processors and c.params.greedy for c in choosers):
+        if state.decoder is None or self.chain < 2 or not all(c.argmax_only for c in choosers):
             return 1
         needed = max(row.max_new - len(row.tokens) for row in rows if row.finish is None)
         limit = min(self.chain, needed, state.decoder.max_len - position)
@@ -215,7 +215,7 @@ class Engine:
     def _choose(self, rows: list[Row], choosers: list[TokenChooser], history: torch.Tensor,
                 logits: torch.Tensor) -> list[int]:
         """Next token of every row: one batched argmax when every row is plain greedy, else row by row."""
-        if all(not c.processors and c.params.greedy for c in choosers):
+        if all(c.argmax_only for c in choosers):
             return logits.argmax(-1).tolist()
         return [c(history[i:i + 1, row.pad:], logits[i:i + 1]) if row.finish is None else self.pad_id
                 for i, (row, c) in enumerate(zip(rows, choosers))]

@@ -118,6 +118,11 @@ class TokenChooser:
             else:  # a signed 64-bit seed -> the generator's unsigned range, one to one
                 self.generator.manual_seed(params.seed % 2**64)
 
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy with no processor: the next token is the logits' argmax, which the device can take itself."""
+        return self.params.greedy and not self.processors
+
     def __call__(self, previous: torch.LongTensor, logits: torch.Tensor) -> int:
         scores = self.processors(previous, logits.float())  # [1, V]
         if self.params.greedy:

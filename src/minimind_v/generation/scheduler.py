@@ -248,7 +248,7 @@ class ContinuousBatch:
     @staticmethod
     def _on_device(r: Running) -> bool:
         """Whether the row's next token is chosen without its logits on the host."""
-        return batchable(r.chooser.params) or (r.chooser.params.greedy and not r.chooser.processors)
+        return batchable(r.chooser.params) or r.chooser.argmax_only
 
     @staticmethod
     def _result(r: Running) -> GenerationResult:
