@@ -68,3 +68,113 @@ def test_eval_int8_answers_with_int8_layers(model_dir, tmp_path, monkeypatch):
     out = tmp_path / "answers.jsonl"
     assert main(["eval", str(model_dir), "--data", str(data), "--output", str(out), "--int8"]) == 0
     assert len(replaced) == 1 and replaced[0] > 0 and len(out.read_text().splitlines()) == 1
+
+
+def test_an_int8_folder_saves_a_quarter_and_loads_as_int8(model_dir, tmp_path):
+    """`convert --int8`: the folder holds int8 weights and scales, loads strictly as int8 (no flag needed) with the
+    logits of the model quantized in memory, and `--int8` on it changes nothing."""
+    from minimind_v.build import load_for_inference
+    from minimind_v.models import load_vlm
+
+    target = tmp_path / "int8"
+    assert main(["convert", str(model_dir), str(target), "--int8"]) == 0
+    full_size, int8_size = ((folder / "model.safetensors").stat().st_size for folder in (model_dir, target))
+    assert int8_size < 0.6 * full_size  # the tiny model's decoder layers are most of its weights
+    loaded = load_vlm(target)
+    assert loaded.config.int8_weights and int8_weights(loaded) > 0
+    expected = load_vlm(model_dir)
+    quantize_int8(expected)
+    assert expected.config.int8_weights  # a MiniMind model records it, so it saves as int8
+    ids = torch.randint(0, expected.config.vocab_size - 1, (1, 9))
+    with torch.inference_mode():
+        assert torch.equal(loaded.eval()(input_ids=ids).logits, expected.eval()(input_ids=ids).logits)
+    again, _ = load_for_inference(str(target), device="cpu", int8=True)
+    assert int8_weights(again) == int8_weights(loaded)
+
+
+def test_int8_folders_are_refused_where_full_weights_are_needed(model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from minimind_v.build import training_model
+    from minimind_v.models import load_vlm
+    from minimind_v.training.trainer import TrainArgs
+
+    target = tmp_path / "int8"
+    assert main(["convert", str(model_dir), str(target), "--int8"]) == 0
+    assert main(["convert", str(target), str(tmp_path / "back.pth")]) == 2
+    assert main(["convert", str(model_dir), str(tmp_path / "m.pth"), "--int8"]) == 2
+    err = capsys.readouterr().err
+    assert "holds int8 weights" in err and "no int8 weights" in err
+    with pytest.raises(ValueError, match="int8 weights, which only answer"):
+        training_model(TrainArgs(stage="sft", data="unused", out_dir=str(tmp_path), from_weight=str(target)))
+    weights = load_file(target / "model.safetensors")
+    scale = next(key for key in weights if key.endswith(".scale"))
+    weights[scale] = torch.full_like(weights[scale], float("nan"))
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"NaN or infinite values \\({scale}"):
+        load_vlm(target)
+    with pytest.raises(ValueError, match="int8_weights"):
+        tiny_config(int8_weights=True, lora_rank=4)
+
+
+REMOTE_INT8 = r"""
+import sys
+sys.modules["minimind_v"] = None
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert sum(b.dtype == torch.int8 for b in model.buffers()) == 7 * model.config.num_hidden_layers
+ids, expected = torch.load(sys.argv[2], weights_only=True)
+assert torch.equal(model(ids).logits, expected), "logits differ"
+print("REMOTE OK")
+"""
+
+
+def test_the_remote_code_export_carries_int8_weights(model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from minimind_v.models import load_vlm
+
+    assert main(["convert", str(model_dir), str(tmp_path / "export"), "--remote-code", "--int8"]) == 0
+    model = load_vlm(model_dir)
+    quantize_int8(model)
+    ids = torch.randint(0, model.config.vocab_size - 1, (1, 7))
+    with torch.inference_mode():
+        torch.save((ids, model.eval()(input_ids=ids).logits), tmp_path / "io.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", REMOTE_INT8, str(tmp_path / "export"), str(tmp_path / "io.pt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "REMOTE OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_int8_projections_fuse_into_one_product(models, monkeypatch):
+    """q/k/v (and gate/up) of int8 layers as one product over their stacked rows and scales: the outputs of each
+    layer alone (the path compiled GPU steps take, forced here on the CPU)."""
+    import minimind_v.models.attention as attention
+
+    _, quantized, _ = models
+    layer = quantized.decoder_layers()[0]
+    linears = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+    for rows in (1, 12):  # the multiply-and-sum of a small step; the converted weight of a larger one
+        x = torch.randn(rows, 1, quantized.config.hidden_size)
+        with torch.inference_mode():
+            alone = attention.projections(x, *linears)
+            monkeypatch.setattr(attention, "fuse_projections", lambda x: True)
+            fused = attention.projections(x, *linears)
+            monkeypatch.undo()
+        assert [t.shape for t in fused] == [t.shape for t in alone]
+        assert all(torch.allclose(f, a, atol=1e-5) for f, a in zip(fused, alone))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_compiled_int8_graphs_on_a_gpu_equal_eager_int8_decoding(models, tokenizer):
+    """Small steps (one row: multiply and sum) and larger ones (12 rows: the converted weight), fused, graphed."""
+    _, quantized, _ = models
+    model = copy.deepcopy(quantized).to("cuda")
+    ask = [GenerationRequest(messages=[{"role": "user", "content": f"say {i}"}],
+                             params=SamplingParams(max_new_tokens=16)) for i in range(12)]
+    compiled, eager = Engine(model, tokenizer, compile=True), Engine(model, tokenizer, cuda_graphs=False)
+    for requests in (ask[:1], ask):
+        assert [r.token_ids for r in compiled.generate(requests)] == [r.token_ids for r in eager.generate(requests)]

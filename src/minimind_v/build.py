@@ -79,6 +79,9 @@ def training_model(args):
         if args.llm:
             raise ValueError("--llm starts a new model; a --from-weight folder already names its language model")
         model = load_vlm(args.from_weight, **({"vision_model_path": args.vision} if args.vision else {}))
+        if model.config.int8_weights:
+            raise ValueError(f"{args.from_weight} holds int8 weights, which only answer: train from the "
+                             "full-precision folder it was converted from")
         tokenizer = load_tokenizer(args.tokenizer or args.from_weight)
     else:
         model, tokenizer = new_model(args.preset, args.tokenizer, args.llm, args.vision, args.overrides)
@@ -105,10 +108,10 @@ def load_for_inference(path: str, tokenizer: str | None = None, vision: str | No
 
 def for_inference(model, device: str = "auto", dtype: str = "auto", int8: bool = False):
     """The model on `device`, cast to the dtype policy's compute dtype (bf16 on GPUs that have it), in eval mode;
-    `int8`: its decoder layers' weights int8 (models/quantize.py)."""
+    `int8`: its decoder layers' weights int8 (models/quantize.py), unless they are already (an int8 folder)."""
     target = pick_device(device)
     model = model.to(target, compute_dtype(target, dtype)).eval()
-    if int8:
+    if int8 and not int8_weights(model):
         quantize_int8(model)
     return model
 

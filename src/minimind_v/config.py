@@ -110,6 +110,8 @@ class MiniMindVConfig(PretrainedConfig):
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=_default_lora_targets)
+    # --- inference ---
+    int8_weights: bool = False  # the decoder layers' linear weights held as int8 + a scale per row (models/quantize.py)
 
     def __post_init__(self, **kwargs: Any) -> None:
         unknown = set(kwargs) - _HF_PASSTHROUGH_KEYS - set(GenerationConfig._get_default_generation_params())
@@ -166,6 +168,9 @@ class MiniMindVConfig(PretrainedConfig):
                              f"({self.image_token_len}); use projector_type='cross_attn' to resample")
         if self.lora_rank < 0 or (self.lora_rank and not self.lora_targets):
             raise ValueError(f"lora_rank must be >= 0 (got {self.lora_rank}) and LoRA needs lora_targets")
+        if self.int8_weights and (self.llm_path or self.lora_rank):
+            raise ValueError("int8_weights: int8 checkpoints hold MiniMind language models without LoRA adapters "
+                             "(a Hugging Face backbone quantizes at load: --int8)")
 
     def _check_sizes(self, names: tuple[str, ...]) -> None:
         """Sizes and counts are at least 1 (None where a field may be derived); anything else is an error."""

@@ -38,7 +38,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ..interop.export import convert
 
     print(convert(args.source, args.target, vision=args.vision, tokenizer=args.tokenizer,
-                  remote_code=args.remote_code, **parse_overrides(args.set)))
+                  remote_code=args.remote_code, int8=args.int8, **parse_overrides(args.set)))
     return 0
 
 
@@ -74,6 +74,9 @@ def add_model_parsers(sub) -> None:
     conv.add_argument("--remote-code", action="store_true",
                       help="write a self-contained folder (tower weights and modeling code included) that "
                            "AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) loads anywhere")
+    conv.add_argument("--int8", action="store_true",
+                      help="write the decoder layers' weights as int8 with a scale per row (a quarter of their "
+                           "size; the folder then loads as int8 everywhere, as --int8 does at load)")
     conv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config fields the weights cannot tell (e.g. num_attention_heads for MiniMind2-V)")
     conv.set_defaults(func=cmd_convert)

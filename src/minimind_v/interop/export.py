@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 from .original import load_original, save_original
 from ..models import MiniMindVLM, load_vlm
 from ..models.processor import MiniMindVProcessor
+from ..models.quantize import quantize_int8
 from .model_card import write_model_card
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # minimind_v/
@@ -31,8 +32,8 @@ CONFIG_MODULE = "configuration_minimind_v"
 MODELING_MODULE = "modeling_minimind_v"
 # the modeling files, in dependency order; they land flat in the export folder
 MODEL_FILES = ("norm.py", "rope.py", "attention.py", "mlp.py", "language_model.py", "projector.py", "lora.py",
-               "vision_tower.py", "efficientnet.py", "safe_loading.py", "vlm_base.py", "compat.py", "vlm.py",
-               "backbone.py", "processor.py")
+               "quantize.py", "vision_tower.py", "efficientnet.py", "safe_loading.py", "vlm_base.py", "compat.py",
+               "vlm.py", "backbone.py", "processor.py")
 PROCESSOR_MODULE = "processor"
 
 
@@ -99,10 +100,13 @@ def write_modeling_code(out: Path) -> None:
 
 
 def convert(source: str | os.PathLike, target: str | os.PathLike, vision: str | None = None,
-            tokenizer: str | None = None, remote_code: bool = False, **overrides: Any) -> str:
-    """`.pth` -> folder (this project's, or the remote-code export), or folder -> `.pth`. Returns what it did."""
+            tokenizer: str | None = None, remote_code: bool = False, int8: bool = False, **overrides: Any) -> str:
+    """`.pth` -> folder (this project's, or the remote-code export), or folder -> `.pth`; `int8`: the folder written
+    holds the decoder layers' weights as int8 (LoRA adapters folded in first). Returns what it did."""
     source, target = os.fspath(source), os.fspath(target)
     to_pth = target.endswith((".pth", ".pt"))
+    if int8 and to_pth:
+        raise ValueError("--int8 writes a folder: the original .pth layout has no int8 weights")
     if os.path.isdir(source):
         vision_kw = {"vision_model_path": vision} if vision else ({"vision_model_path": None} if to_pth else {})
         model = load_vlm(source, **vision_kw)
@@ -111,21 +115,39 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, vision: str | 
             raise ValueError(f"{source} is built on a Hugging Face language model ({model.config.llm_path}); the "
                              "original .pth layout and the remote-code export know only MiniMind: convert it to a "
                              "folder (the merged export) instead")
+        if to_pth and model.config.int8_weights:
+            raise ValueError(f"{source} holds int8 weights: the original .pth layout has none; convert the "
+                             "full-precision folder it came from")
+        if int8:
+            quantized_copy(model)
         if to_pth:
             model.merge_lora()
             save_original(model, target)
             return f"wrote original checkpoint {target} ({sum(p.numel() for p in model.parameters()):,} parameters)"
         if not remote_code:
             export_merged(model, target, tokenizer)
-            return f"wrote merged folder {target} (LoRA adapters folded in; the language model included)"
+            return (f"wrote merged folder {target} (LoRA adapters folded in; the language model included"
+                    + ("; the decoder layers' weights int8)" if int8 else ")"))
     else:
         model = load_original(source, vision_model_path=vision, **overrides)
+        if int8:
+            quantized_copy(model)
     if remote_code:
         export_remote_code(model, target, tokenizer)
     else:
         save_hf_folder(model, target, tokenizer)
     kind = "self-contained remote-code folder" if remote_code else "Hugging Face folder"
     return f"wrote {kind} {target} (MiniMind generation detected from {os.path.basename(source)})"
+
+
+def quantized_copy(model) -> None:
+    """The model (adapters folded in) with its decoder layers' weights int8, in place, for an int8 folder."""
+    if not model.supports_int8_checkpoints:
+        raise ValueError("--int8: int8 folders hold MiniMind language models; a Hugging Face backbone quantizes "
+                         "at load (chat/serve/eval --int8)")
+    model.merge_lora()
+    if not model.config.int8_weights:
+        quantize_int8(model)
 
 
 def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

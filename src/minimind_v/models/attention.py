@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache
 
 from ..config import MiniMindVConfig
 from .norm import RMSNorm
+from .quantize import Int8Linear, int8_linear
 from .rope import apply_rotary
 
 
@@ -47,18 +48,26 @@ class PackedMask:
         return (allowed & causal)[:, None]
 
 
-def projections(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+def projections(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
     """x [..., in] through several projections of the same input (q/k/v, gate/up) -> their outputs. Inside a
-    compiled step on a GPU with no gradients (inference) one product with their concatenated weights: one kernel
-    instead of one each, where a small model's decode step is bound by kernel launches; the engine's compiled steps
-    freeze the weights, so the concatenation is folded into a constant (generation/static_decode.py). Elsewhere (and
-    for adapted or biased layers) one product each: the same numbers up to the kernels' summation order."""
-    fuse = (torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.is_cuda
-            and all(type(linear) is nn.Linear and linear.bias is None for linear in linears))
-    if not fuse:
-        return tuple(linear(x) for linear in linears)
-    fused = F.linear(x, torch.cat([linear.weight for linear in linears]))  # [..., sum of outs]
-    return fused.split([linear.out_features for linear in linears], dim=-1)
+    compiled step on a GPU with no gradients (inference, `fuse_projections`) one product with their concatenated
+    weights - or, for int8 layers, their int8 rows and scales stacked - one kernel instead of one each, where a small
+    model's decode step is bound by kernel launches; the engine's compiled steps freeze the weights, so the
+    concatenation is folded into a constant (generation/static_decode.py). Elsewhere (and for adapted or biased
+    layers) one product each: the same numbers up to the kernels' summation order."""
+    outs = [linear.out_features for linear in linears]
+    if fuse_projections(x):
+        if all(type(linear) is nn.Linear and linear.bias is None for linear in linears):
+            return F.linear(x, torch.cat([linear.weight for linear in linears])).split(outs, dim=-1)
+        if all(type(linear) is Int8Linear for linear in linears):
+            weight = torch.cat([linear.weight_int8 for linear in linears])  # [sum of outs, in]
+            return int8_linear(x, weight, torch.cat([linear.scale for linear in linears])).split(outs, dim=-1)
+    return tuple(linear(x) for linear in linears)
+
+
+def fuse_projections(x: torch.Tensor) -> bool:
+    """Whether `projections` of x take one product: compiling, on a GPU, without gradients."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.is_cuda
 
 
 def varlen_ready(flash_attn: bool, dropout: float, device: torch.device, dtype: torch.dtype) -> bool:

@@ -28,6 +28,7 @@ from ..config import MiniMindVConfig
 from .language_model import MiniMindOutput, MiniMindPreTrainedModel, causal_lm_loss
 from .lora import add_lora, is_lora_key
 from .projector import build_projector
+from .quantize import int8_weights
 from .safe_loading import check_shapes, meta_shapes, read_config, read_weights, weight_shapes
 from .vision_tower import load_image_processor
 from .vlm_base import FROM_CONFIG, TOWER_PREFIX, VisionLanguageModel
@@ -203,6 +204,9 @@ class HFBackboneVLM(VisionLanguageModel, MiniMindPreTrainedModel, GenerationMixi
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **kwargs) -> None:
         """config.json (with the base model's path), generation_config.json, model.safetensors (trained parts; or
         `state_dict`, the same keys gathered from elsewhere)."""
+        if int8_weights(self):
+            raise ValueError("a Hugging Face backbone with int8 layers cannot be saved (its checkpoints hold trained "
+                             "parts in full precision): save it unquantized and pass --int8 when loading")
         os.makedirs(save_directory, exist_ok=True)
         self.config.save_pretrained(save_directory)
         self.generation_config.save_pretrained(save_directory)

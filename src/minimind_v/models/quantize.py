@@ -7,7 +7,8 @@ per output channel (symmetric: scale = max |w| of the row / 127), activations st
                      copy when it freezes the weights; elsewhere (prefill, eager steps) the weight is converted
                      for the product and dropped
     quantize_int8    the VLM's decoder layers' nn.Linear layers -> Int8Linear, in place; for inference only (the
-                     weights become buffers: nothing trains them)
+                     weights become buffers: nothing trains them). A VLM that `supports_int8_checkpoints` (MiniMind)
+                     records it in `config.int8_weights`, so that it saves as int8 and its folder loads as int8
 
 The vision tower, projector, embeddings and LM head keep their weights: the tower runs once per image, and the
 decoder layers hold nearly all of the language model's weights.
@@ -36,13 +37,18 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.shape[:-1].numel() <= FUSED_ROWS:  # a decode step: one fused pass
-            return (x.unsqueeze(-2) * self.weight_int8).sum(-1) * self.scale  # [..., 1, in] * [out, in] -> [..., out]
-        flat = F.linear(x.reshape(-1, self.in_features), self.weight_int8.to(x.dtype))  # [rows, out]
-        return (flat * self.scale).view(*x.shape[:-1], self.out_features)  # [..., out]
+        return int8_linear(x, self.weight_int8, self.scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight"
+
+
+def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ (weight_int8 [out, in] * scale [out]).T -> [..., out]."""
+    if torch.compiler.is_compiling() and x.shape[:-1].numel() <= FUSED_ROWS:  # a decode step: one fused pass
+        return (x.unsqueeze(-2) * weight_int8).sum(-1) * scale  # [..., 1, in] * [out, in] -> [..., out]
+    flat = F.linear(x.reshape(-1, x.shape[-1]), weight_int8.to(x.dtype))  # [rows, out]
+    return (flat * scale).view(*x.shape[:-1], weight_int8.shape[0])  # [..., out]
 
 
 def quantize_int8(model: nn.Module) -> int:
@@ -58,6 +64,8 @@ def quantize_int8(model: nn.Module) -> int:
                     replaced += 1
     if not replaced:
         raise ValueError("int8: the decoder layers have no bias-free linear layers to quantize")
+    if model.supports_int8_checkpoints:
+        model.config.int8_weights = True
     return replaced
 
 

@@ -16,6 +16,7 @@ from .compat import SeedNames
 from .language_model import MiniMindForCausalLM, MiniMindOutput
 from .lora import add_lora
 from .projector import build_projector
+from .quantize import quantize_int8
 from .safe_loading import check_finite, check_shapes, meta_shapes, read_config, weight_files, weight_shapes
 from .vision_tower import load_image_processor
 from .vlm_base import FROM_CONFIG, TOWER_PREFIX, VisionLanguageModel, check_loading_info
@@ -28,6 +29,7 @@ class MiniMindVLM(SeedNames, VisionLanguageModel, MiniMindForCausalLM):
     supports_packing = True
     supports_chunked_loss = True
     supports_original_layout = True
+    supports_int8_checkpoints = True
 
     def __init__(self, config: MiniMindVConfig | None = None, vision_model_path: str | None = FROM_CONFIG, *,
                  params: MiniMindVConfig | None = None):
@@ -42,6 +44,8 @@ class MiniMindVLM(SeedNames, VisionLanguageModel, MiniMindForCausalLM):
         self.post_init()
         if config.lora_rank:
             add_lora(self.model, config)
+        if config.int8_weights:  # an int8 checkpoint: its layers take the int8 weights and scales it holds
+            quantize_int8(self)
         self._init_vision(config, vision_model_path)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -108,5 +112,5 @@ class MiniMindVLM(SeedNames, VisionLanguageModel, MiniMindForCausalLM):
         else:
             model._attach_tower_folder(model.config.vision_tower_path if vision_model_path == FROM_CONFIG
                                        else vision_model_path, pretrained_model_name_or_path)
-        check_finite(model.named_parameters(), folder)
+        check_finite([*model.named_parameters(), *model.named_buffers()], folder)
         return (model, info) if want_info else model

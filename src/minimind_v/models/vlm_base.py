@@ -13,7 +13,8 @@ Two VLMs implement it (`build_vlm` / `load_vlm` in models/__init__.py pick one f
     MiniMindVLM      vlm.py: the MiniMind LM built from the config (the default); checkpoints hold every weight
     HFBackboneVLM    backbone.py: `config.llm_path`, any local causal LM; checkpoints hold only what was trained
                      (projector, `trained_llm_parts`, LoRA adapters) and the base path
-Capabilities they answer: `supports_packing`, `supports_static_decode`, `supports_chunked_loss`, `language_model`,
+Capabilities they answer: `supports_packing`, `supports_static_decode`, `supports_chunked_loss`,
+`supports_int8_checkpoints`, `language_model`,
 `decoder_layers()`, `trainable_modules(strategy)`, `frozen_base_parameters()`.
 """
 
@@ -63,6 +64,7 @@ class VisionLanguageModel:
     supports_packing = False  # several samples in one row (segment ids, per-sample positions)
     supports_original_layout = False  # saves as an original MiniMind-V .pth and the remote-code export
     supports_chunked_loss = False  # forward(...).hidden_states are the final normed states get_output_embeddings reads
+    supports_int8_checkpoints = False  # saves and loads int8 decoder layers (config.int8_weights, models/quantize.py)
 
     def _init_vision(self, config: MiniMindVConfig, vision_model_path: str | None) -> None:
         self.vision_tower = None
