@@ -115,3 +115,25 @@ def test_eval_reads_what_training_reads_and_writes_every_answer(model_dir, tmp_p
     assert len(answers) == 2 and set(answers[0]) == {"question", "answer", "prediction", "correct"}
     assert answers[0]["answer"] == "red" and answers[0]["correct"] is False  # a random model
     assert "wrong answers, for example:" in err and f"every answer: {out}" in err and "answers: 100%" in err
+
+
+def test_an_evaluation_sends_its_images_through_the_tower_at_once(model_dir):
+    """With a feature cache (in memory) every distinct image is encoded before the questions, in one chunk, not a
+    few per batch of questions; the answers are those of encoding them batch by batch."""
+    from minimind_v.build import load_model
+    from minimind_v.evaluate import QAItem, generate_answers
+    from minimind_v.models.image_features import ImageFeatures
+
+    model, tokenizer = load_model(str(model_dir))
+    images = [Image.new("RGB", (32, 32), (40 * i, 200 - 30 * i, 90)) for i in range(5)]
+    items = [QAItem("<image>\nwhat color?", "", [images[i % 5]]) for i in range(12)]
+    chunks = []
+    tower_forward = model.vision_tower.forward
+    model.vision_tower.forward = lambda pixels: chunks.append(len(pixels)) or tower_forward(pixels)
+    cached = generate_answers(model.eval(), tokenizer, items, ImageFeatures(model.vision_tower, in_memory=True),
+                              batch_size=4, max_new_tokens=3)
+    assert chunks == [5]
+    chunks.clear()
+    assert generate_answers(model, tokenizer, items, ImageFeatures(model.vision_tower), batch_size=4,
+                            max_new_tokens=3) == cached
+    assert chunks == [4, 4, 4]  # no cache: each batch's images

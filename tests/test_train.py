@@ -181,15 +181,18 @@ def test_resume_with_another_number_of_processes(workspace, tmp_path, monkeypatc
         torch.testing.assert_close(moved[key], straight[key], atol=1e-5, rtol=1e-4)
 
 
-def test_loader_workers_preprocess_images_to_the_same_weights(workspace, tmp_path):
-    """With workers (and no feature cache) images become pixel values in the workers; the result is unchanged,
-    skipped records included."""
+@pytest.mark.parametrize("cache", [False, True])
+def test_loader_workers_preprocess_images_to_the_same_weights(workspace, tmp_path, cache):
+    """With workers, images become pixel values in the workers (with a feature cache: those not cached yet, which
+    the tower then encodes once); the result is unchanged, skipped records included."""
     runs = {}
     for workers in (0, 2):
-        trainer = Trainer(args_for(workspace, "sft", tmp_path / str(workers), num_workers=workers, max_steps=3))
+        out = tmp_path / str(workers)
+        trainer = Trainer(args_for(workspace, "sft", out, num_workers=workers, max_steps=3,
+                                   feature_cache=str(out / "cache") if cache else None))
         assert (trainer.dataset.transform is not None) == (workers > 0)
         summary = trainer.run()
-        runs[workers] = (weights(tmp_path / str(workers)), summary["skipped"])
+        runs[workers] = (weights(out), summary["skipped"])
     assert runs[0][1] == runs[2][1]
     for key in runs[0][0]:
         torch.testing.assert_close(runs[2][0][key], runs[0][0][key], atol=1e-6, rtol=1e-5)

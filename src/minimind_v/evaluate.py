@@ -150,10 +150,13 @@ def generate_answers(model, tokenizer, items: list[QAItem], features: ImageFeatu
     from .generation import Engine, GenerationRequest, SamplingParams
 
     engine, params, answers = Engine(model, tokenizer, features), SamplingParams(max_new_tokens=max_new_tokens), []
+    keys = [item.image_keys or [pixel_key(i) for i in item.images] for item in items]
+    if features is not None:  # a cache: every image through the tower first, in full chunks
+        features.add([image for item in items for image in item.images], [k for ks in keys for k in ks])
     for start in tqdm(range(0, len(items), batch_size), desc=progress, unit="batch", disable=progress is None):
         requests = [GenerationRequest(messages=[{"role": "user", "content": item.question}], images=item.images,
-                                      params=params, image_keys=item.image_keys or [pixel_key(i) for i in item.images])
-                    for item in items[start:start + batch_size]]
+                                      params=params, image_keys=item_keys)
+                    for item, item_keys in zip(items[start:start + batch_size], keys[start:start + batch_size])]
         usable = [_takes(engine, request, f"item {number}", stats)
                   for number, request in enumerate(requests, start + 1)]
         results = iter(engine.generate([r for r, ok in zip(requests, usable) if ok]) if any(usable) else ())

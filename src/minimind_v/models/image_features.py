@@ -63,6 +63,18 @@ class ImageFeatures:
             return torch.empty(0, self.tower.num_tokens, self.tower.hidden_size, device=device)
         if self.cache is None:
             return self._encode(images).to(device)
+        self.add(images, keys)
+        stacked = torch.stack([self.cache[k] for k in keys])  # [N, T, D] fp16 on the CPU
+        if device.type == "cuda":  # pinned: the copy does not make the host wait for the GPU
+            stacked = stacked.pin_memory()
+        return stacked.to(device, non_blocking=True).float()
+
+    def add(self, images: list[Image.Image] | torch.Tensor, keys: list[str]) -> None:
+        """Compute and keep the features of the images not cached yet (nothing without a cache). An evaluation
+        adds all its images at once: the tower then sees full chunks of one shape, not a few images per batch of
+        questions (on a GPU each new batch shape costs the convolutions a new plan)."""
+        if self.cache is None:
+            return
         missing = {k: img for k, img in zip(keys, images) if k not in self.cache}
         if any(img is None for img in missing.values()):
             raise ValueError("an image was left undecoded as cached, but its features are not in the cache")
@@ -70,10 +82,6 @@ class ImageFeatures:
             encoded = self._encode(list(missing.values())).to("cpu", torch.float16)
             self.cache.update(zip(missing, encoded))
             self.dirty = True
-        stacked = torch.stack([self.cache[k] for k in keys])  # [N, T, D] fp16 on the CPU
-        if device.type == "cuda":  # pinned: the copy does not make the host wait for the GPU
-            stacked = stacked.pin_memory()
-        return stacked.to(device, non_blocking=True).float()
 
     def known_keys(self):
         """The keys whose features are cached (a live view; empty without a cache)."""

@@ -128,8 +128,10 @@ class Trainer:
             # images whose features are cached are not decoded again
             known = self.features.known_keys()  # live in this process; loader workers get the keys cached so far
             self.dataset.cached_keys = known if args.num_workers == 0 else frozenset(known)
-        if self.features is not None and args.num_workers > 0 and args.feature_cache is None:  # in the workers
-            half = torch.float16 if self.device.type == "cuda" else torch.float32  # half the bytes to ship
+        if self.features is not None and args.num_workers > 0:  # the workers preprocess what is not cached
+            # half the bytes to ship every step; pixels encoded once into a cache keep fp32 (the features, and so
+            # the training, then equal those of preprocessing in this process)
+            half = torch.float16 if self.device.type == "cuda" and args.feature_cache is None else torch.float32
             self.dataset.transform = functools.partial(pixel_values, processor=tower.processor, dtype=half)
         # --share-prefix N: an image's samples N at a time in one step (the chunks, not the samples, shuffled)
         self.groups = image_chunks(self.dataset.image_groups(), args.share_prefix) if args.share_prefix else None
@@ -269,7 +271,8 @@ class Trainer:
         # the labels are still on the CPU: counting them makes nothing wait for the GPU
         supervised = float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
         total = supervised if self.world == 1 else float(all_reduce_sum(torch.tensor(supervised, device=self.device)))
-        self.model.train()
+        if not self.model.training:  # (an evaluation in between left it in eval mode; train() walks every module)
+            self.model.train()
         loss_sum, tokens = torch.zeros((), device=self.device), 0
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1 or self.world == 1
