@@ -90,6 +90,9 @@ def test_an_int8_folder_saves_a_quarter_and_loads_as_int8(model_dir, tmp_path):
         assert torch.equal(loaded.eval()(input_ids=ids).logits, expected.eval()(input_ids=ids).logits)
     again, _ = load_for_inference(str(target), device="cpu", int8=True)
     assert int8_weights(again) == int8_weights(loaded)
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "what color?", "answer": "red"}\n')
+    assert main(["eval", str(target), "--data", str(data), "--int8"]) == 0  # the flag on an int8 folder: no-op
 
 
 def test_int8_folders_are_refused_where_full_weights_are_needed(model_dir, tmp_path, capsys):
