@@ -253,3 +253,9 @@ def test_an_empty_answer_is_said_not_left_blank():
     out = io.StringIO()
     assert run_chat(Silent(), read=lambda prompt: next(lines), out=out) == 0
     assert f"assistant> {EMPTY}" in out.getvalue()
+    import contextlib
+
+    redirected = io.StringIO()  # no `out`: sys.stdout as it is at the call, not at import
+    with contextlib.redirect_stdout(redirected):
+        assert run_chat(Silent(), prompt="describe the image.") == 0
+    assert EMPTY in redirected.getvalue()

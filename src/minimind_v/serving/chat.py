@@ -102,8 +102,11 @@ def speed_line(result: GenerationResult) -> str:
 
 
 def run_chat(session: ChatSession, prompt: str | None = None, images: list[str] = (), stats: bool = False,
-             read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> int:
-    """Scripted (`prompt` given: one turn, then exit) or interactive until /quit or end of input."""
+             read: Callable[[str], str] = input, out: TextIO | None = None) -> int:
+    """Scripted (`prompt` given: one turn, then exit) or interactive until /quit or end of input; the answers go to
+    `out` (default: sys.stdout as it is at the call, so a redirection of it is followed)."""
+    out = out if out is not None else sys.stdout
+
     def write(text: str) -> None:
         out.write(text)
         out.flush()
