@@ -71,8 +71,8 @@ class ImageFeatures:
 
     def add(self, images: list[Image.Image] | torch.Tensor, keys: list[str]) -> None:
         """Compute and keep the features of the images not cached yet (nothing without a cache). An evaluation
-        adds all its images at once: the tower then sees full chunks of one shape, not a few images per batch of
-        questions (on a GPU each new batch shape costs the convolutions a new plan)."""
+        adds all its images at once, so the tower sees full chunks, not the few new images of each batch of
+        questions."""
         if self.cache is None:
             return
         missing = {k: img for k, img in zip(keys, images) if k not in self.cache}
