@@ -29,6 +29,8 @@ def test_every_decoder_linear_becomes_int8_and_the_logits_stay_close(models):
     assert replaced == 7 * layers and int8_weights(quantized) == sum(
         m.weight.numel() for layer in full.decoder_layers() for m in layer.modules() if type(m) is nn.Linear)
     assert "of them int8" in describe(quantized) and "int8" not in describe(full)
+    before = int8_weights(quantized)
+    assert quantize_int8(quantized) == 0 and int8_weights(quantized) == before  # already int8: left as it is
     linear = next(m for m in quantized.modules() if isinstance(m, Int8Linear))
     assert linear.weight_int8.dtype == torch.int8 and linear.weight_int8.abs().max() == 127  # each row's max
     ids = torch.randint(0, full.config.vocab_size - 1, (2, 12))

@@ -108,10 +108,10 @@ def load_for_inference(path: str, tokenizer: str | None = None, vision: str | No
 
 def for_inference(model, device: str = "auto", dtype: str = "auto", int8: bool = False):
     """The model on `device`, cast to the dtype policy's compute dtype (bf16 on GPUs that have it), in eval mode;
-    `int8`: its decoder layers' weights int8 (models/quantize.py), unless they are already (an int8 folder)."""
+    `int8`: its decoder layers' weights int8 (models/quantize.py; an int8 folder already is)."""
     target = pick_device(device)
     model = model.to(target, compute_dtype(target, dtype)).eval()
-    if int8 and not int8_weights(model):
+    if int8:
         quantize_int8(model)
     return model
 

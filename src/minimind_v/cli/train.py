@@ -137,10 +137,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     items = load_eval_items(args.data, args.image_root, stats)[:args.limit]
     model, tokenizer = load_saved(args.model, args.tokenizer)
     if args.int8:
-        from ..models.quantize import int8_weights, quantize_int8
+        from ..models.quantize import quantize_int8
 
-        if not int8_weights(model):  # (an int8 folder already is)
-            quantize_int8(model.eval())
+        quantize_int8(model.eval())  # (an int8 folder already is: nothing changes)
     settings = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stats=stats,
                     keep_predictions=bool(args.output))
     report = (evaluate_with_baselines(model.eval(), tokenizer, items, progress=True, **settings) if args.baselines

@@ -119,7 +119,7 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, vision: str | 
             raise ValueError(f"{source} holds int8 weights: the original .pth layout has none; convert the "
                              "full-precision folder it came from")
         if int8:
-            quantized_copy(model)
+            quantize_for_folder(model)
         if to_pth:
             model.merge_lora()
             save_original(model, target)
@@ -131,7 +131,7 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, vision: str | 
     else:
         model = load_original(source, vision_model_path=vision, **overrides)
         if int8:
-            quantized_copy(model)
+            quantize_for_folder(model)
     if remote_code:
         export_remote_code(model, target, tokenizer)
     else:
@@ -140,14 +140,13 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, vision: str | 
     return f"wrote {kind} {target} (MiniMind generation detected from {os.path.basename(source)})"
 
 
-def quantized_copy(model) -> None:
-    """The model (adapters folded in) with its decoder layers' weights int8, in place, for an int8 folder."""
+def quantize_for_folder(model) -> None:
+    """The model, in place, as an int8 folder holds it: adapters folded in, decoder layers' weights int8."""
     if not model.supports_int8_checkpoints:
         raise ValueError("--int8: int8 folders hold MiniMind language models; a Hugging Face backbone quantizes "
                          "at load (chat/serve/eval --int8)")
     model.merge_lora()
-    if not model.config.int8_weights:
-        quantize_int8(model)
+    quantize_int8(model)
 
 
 def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -52,9 +52,9 @@ def projections(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...
     """x [..., in] through several projections of the same input (q/k/v, gate/up) -> their outputs. Inside a
     compiled step on a GPU with no gradients (inference, `fuse_projections`) one product with their concatenated
     weights - or, for int8 layers, their int8 rows and scales stacked - one kernel instead of one each, where a small
-    model's decode step is bound by kernel launches; the engine's compiled steps freeze the weights, so the
-    concatenation is folded into a constant (generation/static_decode.py). Elsewhere (and for adapted or biased
-    layers) one product each: the same numbers up to the kernels' summation order."""
+    model's decode step is bound by kernel launches; the engine's compiled steps freeze the weights, so a
+    concatenation of float weights is folded into a constant (generation/static_decode.py). Elsewhere (and for
+    adapted or biased layers) one product each: the same numbers up to the kernels' summation order."""
     outs = [linear.out_features for linear in linears]
     if fuse_projections(x):
         if all(type(linear) is nn.Linear and linear.bias is None for linear in linears):

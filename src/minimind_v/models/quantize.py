@@ -6,9 +6,10 @@ per output channel (symmetric: scale = max |w| of the row / 127), activations st
                      four (a small step is bound by reading its weights) and cannot fold back into a converted
                      copy when it freezes the weights; elsewhere (prefill, eager steps) the weight is converted
                      for the product and dropped
-    quantize_int8    the VLM's decoder layers' nn.Linear layers -> Int8Linear, in place; for inference only (the
-                     weights become buffers: nothing trains them). A VLM that `supports_int8_checkpoints` (MiniMind)
-                     records it in `config.int8_weights`, so that it saves as int8 and its folder loads as int8
+    quantize_int8    the VLM's decoder layers' nn.Linear layers -> Int8Linear, in place (a model already int8 is
+                     left as it is); for inference only (the weights become buffers: nothing trains them). A VLM
+                     that `supports_int8_checkpoints` (MiniMind) records it in `config.int8_weights`, so that it
+                     saves as int8 and its folder loads as int8
 
 The vision tower, projector, embeddings and LM head keep their weights: the tower runs once per image, and the
 decoder layers hold nearly all of the language model's weights.
@@ -53,8 +54,9 @@ def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor)
 
 def quantize_int8(model: nn.Module) -> int:
     """Replace every bias-free nn.Linear inside the model's decoder layers (`decoder_layers()`) by an Int8Linear of
-    the same weight, in place; -> how many were replaced. Call it on a model ready for inference (on its device, in
-    its dtype): the scales take the weights' dtype."""
+    the same weight, in place; -> how many were replaced (0 for a model already int8, e.g. loaded from an int8
+    folder). Call it on a model ready for inference (on its device, in its dtype): the scales take the weights'
+    dtype."""
     replaced = 0
     for layer in model.decoder_layers():
         for parent in list(layer.modules()):
@@ -62,7 +64,7 @@ def quantize_int8(model: nn.Module) -> int:
                 if type(child) is nn.Linear and child.bias is None:
                     setattr(parent, name, Int8Linear(child))
                     replaced += 1
-    if not replaced:
+    if not replaced and not int8_weights(model):
         raise ValueError("int8: the decoder layers have no bias-free linear layers to quantize")
     if model.supports_int8_checkpoints:
         model.config.int8_weights = True
