@@ -13,7 +13,8 @@ from PIL import Image
 
 from minimind_v.data.easy_shapes import color_pair, make_split, questions, render_single, render_single_mpl
 from minimind_v.data.render import COLOR_BOXES, COLORS, PURE, Style, enlarge, sample_color, shrink
-from minimind_v.data.world import HELD_OUT, Scene, Thing, caption, caption_objects, sample_scene, write_world
+from minimind_v.data.world import (HELD_OUT, Scene, Thing, caption, caption_objects, sample_scene, world_rows,
+                                   write_world)
 from minimind_v.data.world_questions import questions as world_questions
 from minimind_v.evaluate import QAItem, baseline_items, caption_scores
 
@@ -145,6 +146,29 @@ def test_a_scene_asks_several_yes_no_relations_each_right():
     assert max(sizes) == YES_NO_RELATIONS == 3 and min(sizes) >= 1
 
 
+def test_training_scenes_ask_clear_relations_first():
+    """A training scene's yes/no relations take pairs over CLEAR apart first; the test scenes' take any pair over
+    APART. Every answer is right either way."""
+    from minimind_v.data.world_questions import APART, CLEAR, RELATIONS, relation
+
+    things = (Thing("circle", "red", 0.1, 0.1, 0.05), Thing("star", "red", 0.22, 0.9, 0.05),  # 0.12 / 0.8 apart
+              Thing("heart", "blue", 0.5, 0.5, 0.05), Thing("arrow", "blue", 0.75, 0.3, 0.05))
+    by_name = {t.name: t for t in things}
+    gaps = {}
+    for training in (False, True):
+        gaps[training] = []
+        for seed in range(300):
+            for q, a, skill in relation(Scene(things), random.Random(seed), training):
+                if skill == "relation (yes/no)":
+                    first, word, second = next((x, w, y) for x in by_name for w in RELATIONS for y in by_name
+                                               if q == f"is the {x} {w} the {y}?")
+                    gap = RELATIONS[word](by_name[first], by_name[second])
+                    assert a == ("yes" if gap > 0 else "no") and abs(gap) > APART, q
+                    gaps[training].append(abs(gap))
+    share = {t: sum(g > CLEAR for g in gaps[t]) / len(gaps[t]) for t in gaps}
+    assert share[True] > share[False] + 0.15, share
+
+
 def test_the_world_is_deterministic_and_holds_pairs_out_of_training(tmp_path):
     counts = write_world(str(tmp_path / "a"), 60, 40, seed=5)
     write_world(str(tmp_path / "b"), 60, 40, seed=5)
@@ -159,6 +183,8 @@ def test_the_world_is_deterministic_and_holds_pairs_out_of_training(tmp_path):
     tests = [json.loads(line) for line in open(tmp_path / "a" / "test.jsonl")]
     assert any(h in t["answer"] for t in tests if t["type"] == "caption" for h in held)
     assert all((tmp_path / "a" / t["image"]).is_file() for t in tests)
+    assert [r[2:] for r in world_rows(10, 5, seed=5) if r[0] == "test"] == \
+        [r[2:] for r in world_rows(30, 5, seed=5) if r[0] == "test"]  # the test set whatever the training size
     rng = random.Random(0)
     assert all(len({(t.color, t.kind) for t in s.things}) == len(s.things)
                for s in (sample_scene(rng, "train") for _ in range(200)))

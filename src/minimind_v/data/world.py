@@ -136,12 +136,13 @@ def world_rows(train_scenes: int, test_scenes: int, seed: int = 0, reading: floa
     if not 0 <= reading <= 1 or train_scenes < 0 or test_scenes < 0:
         raise ValueError(f"the share of reading scenes must be in [0, 1] (got {reading}) and the scene counts at "
                          f"least 0 (got {train_scenes}, {test_scenes})")
-    rng, rows = random.Random(seed), []
+    rows = []
     for split, scenes, style in (("train", train_scenes, TRAIN_STYLE), ("test", test_scenes, TEST_STYLE)):
+        rng = random.Random(f"{split}:{seed}")  # a stream per split: the test set is the same for any training size
         for number in range(scenes):
             scene = sample_scene(rng, split, reading=rng.random() < reading)
             data = encode_png(render_scene(scene, style, rng))
-            rows += [(split, number, q, a, skill, data) for q, a, skill in questions(scene, rng)]
+            rows += [(split, number, q, a, skill, data) for q, a, skill in questions(scene, rng, split == "train")]
     return rows
 
 

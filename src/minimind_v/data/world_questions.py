@@ -12,6 +12,8 @@
     reading                 "what word is written in the image?"
     caption                 "describe the image." -> world.caption
 Existence questions come in pairs (one yes, one no) per setting, so each setting's accuracy is balanced, as in POPE.
+Training scenes (`training=True`) ask their yes/no relations about pairs clearly apart (over CLEAR of the canvas
+along the asked axis) first; the test scenes about any pair over APART, as above.
 """
 
 from __future__ import annotations
@@ -23,17 +25,19 @@ from .world import KINDS, PLURAL, Scene, caption
 
 DESCRIBE = "describe the image."  # the caption question (the demo asks it of easy-vqa's images too)
 APART = 0.18  # how far apart (fraction of the canvas) two things must be for a relation question
+CLEAR = 0.3  # training scenes ask about pairs this far apart first
 YES_NO_RELATIONS = 3  # yes/no relation questions a scene (ordered pairs apart; the slowest skill to learn)
 RELATIONS = {"left of": lambda a, b: b.x - a.x, "right of": lambda a, b: a.x - b.x,
              "above": lambda a, b: b.y - a.y, "below": lambda a, b: a.y - b.y}
 
 
-def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
-    """(question, answer, skill) for a scene: a few of each skill it can answer, and its caption."""
+def questions(scene: Scene, rng: random.Random, training: bool = False) -> list[tuple[str, str, str]]:
+    """(question, answer, skill) for a scene: a few of each skill it can answer, and its caption; `training`: a
+    training scene's mix (see above)."""
     if scene.word:
         return [("what word is written in the image?", scene.word, "reading"),
                 (DESCRIBE, caption(scene), "caption")]
-    out = count(scene, rng) + relation(scene, rng) + binding(scene, rng) + existence(scene, rng)
+    out = count(scene, rng) + relation(scene, rng, training) + binding(scene, rng) + existence(scene, rng)
     return out + [(DESCRIBE, caption(scene), "caption")]
 
 
@@ -46,12 +50,14 @@ def count(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     return [(q, str(n), "count") for q, n in rng.sample(asked, 2)]
 
 
-def relation(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+def relation(scene: Scene, rng: random.Random, training: bool = False) -> list[tuple[str, str, str]]:
     out = []
     pairs = [(a, b) for a in scene.things for b in scene.things if a is not b]
     rng.shuffle(pairs)
-    for a, b in pairs:
-        word, gap = rng.choice(list(RELATIONS.items()))
+    asked = [(a, b, *rng.choice(list(RELATIONS.items()))) for a, b in pairs]  # each ordered pair, one relation
+    if training:  # clear pairs first (a stable sort keeps the shuffled order within each group)
+        asked.sort(key=lambda p: abs(p[3](p[0], p[1])) <= CLEAR)
+    for a, b, word, gap in asked:
         if abs(gap(a, b)) > APART:
             out.append((f"is the {a.name} {word} the {b.name}?", "yes" if gap(a, b) > 0 else "no",
                         "relation (yes/no)"))
