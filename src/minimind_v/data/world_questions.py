@@ -54,13 +54,15 @@ def relation(scene: Scene, rng: random.Random, training: bool = False) -> list[t
     out = []
     pairs = [(a, b) for a in scene.things for b in scene.things if a is not b]
     rng.shuffle(pairs)
-    asked = [(a, b, *rng.choice(list(RELATIONS.items()))) for a, b in pairs]  # each ordered pair, one relation
+    asked = []  # each ordered pair with one relation: (a, b, word, gap)
+    for a, b in pairs:
+        word, gap = rng.choice(list(RELATIONS.items()))
+        asked.append((a, b, word, gap(a, b)))
     if training:  # clear pairs first (a stable sort keeps the shuffled order within each group)
-        asked.sort(key=lambda p: abs(p[3](p[0], p[1])) <= CLEAR)
+        asked.sort(key=lambda p: abs(p[3]) <= CLEAR)
     for a, b, word, gap in asked:
-        if abs(gap(a, b)) > APART:
-            out.append((f"is the {a.name} {word} the {b.name}?", "yes" if gap(a, b) > 0 else "no",
-                        "relation (yes/no)"))
+        if abs(gap) > APART:
+            out.append((f"is the {a.name} {word} the {b.name}?", "yes" if gap > 0 else "no", "relation (yes/no)"))
             if len(out) == YES_NO_RELATIONS:
                 break
     for b in rng.sample(list(scene.things), len(scene.things)):
