@@ -333,3 +333,17 @@ def test_the_fast_text_decoder_gives_the_tokenizers_text(tokenizer, which):
                             generator=generator).tolist()
         for skip in (True, False):
             assert decode(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip), ids
+
+
+def test_gpu_steps_are_frozen_and_their_kernels_tuned():
+    """A GPU step is compiled with its weights frozen in and each kernel's launch shape tuned (a one-row step is a
+    chain of tiny kernels); the CPU keeps its own options, without the tuning."""
+    from torch._inductor import config
+
+    from minimind_v.generation.static_decode import step_options
+
+    with step_options(torch.device("cuda"))():
+        assert config.freezing and config.coordinate_descent_tuning
+    with step_options(torch.device("cpu"))():
+        assert config.freezing and not config.coordinate_descent_tuning
+    assert not config.coordinate_descent_tuning

@@ -114,3 +114,16 @@ def test_what_fsdp_refuses():
     with pytest.raises(ValueError, match="--eval-every with --parallel fsdp over several processes"):
         Parallel("fsdp", 2, torch.device("cpu"), torch.float32, evaluates=True)
     assert not Parallel("fsdp", 1, torch.device("cpu"), torch.float32, evaluates=True).sharded  # one process: whole
+
+
+def test_clip_lists_the_trained_weights_once_and_clips_them_all():
+    from minimind_v.training.parallel import Parallel
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    parallel = Parallel("ddp", 1, torch.device("cpu"), torch.float32)
+    model(torch.randn(3, 4)).pow(2).sum().backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(parallel.clip(model, 1e-3), expected)
+    assert parallel.trained == [model[0].bias, model[1].weight, model[1].bias]
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parallel.trained])) <= 1e-3 * 1.01

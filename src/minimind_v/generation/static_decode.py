@@ -164,8 +164,11 @@ class DecoderPool:
 def step_options(device: torch.device):
     """How Inductor compiles a step on `device` (a context manager factory). The engine runs the model under
     inference_mode and never changes its weights, so they are frozen into the graph as constants (on a GPU this also
-    folds the concatenated weights of the fused projections, see models/attention.py, into one weight each)."""
-    return cpu_step_options if device.type == "cpu" else lambda: torch._inductor.config.patch({"freezing": True})
+    folds the concatenated weights of the fused projections, see models/attention.py, into one weight each). On a GPU
+    Inductor also tunes each generated kernel's block sizes by coordinate descent: a one-row step is a chain of tiny
+    kernels, whose default launch shapes leave time on the table (+10% tokens/s at batch 1 on an H200)."""
+    gpu = {"freezing": True, "coordinate_descent_tuning": True}
+    return cpu_step_options if device.type == "cpu" else lambda: torch._inductor.config.patch(gpu)
 
 
 @contextlib.contextmanager

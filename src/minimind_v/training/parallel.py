@@ -45,6 +45,7 @@ class Parallel:
             raise ValueError("--eval-every with --parallel fsdp over several processes is not supported: score the "
                              "checkpoints' model folders with `minimind-v eval` instead")
         self.saved_keys: list[str] = []
+        self.trained: list[nn.Parameter] | None = None  # the weights clip() looks at, listed at its first call
 
     def place(self, model: nn.Module) -> None:
         """Put the model on the device; sharded, only the replicated tower (fully_shard moves each unit itself, so
@@ -75,8 +76,11 @@ class Parallel:
         return wrapped.no_sync()
 
     def clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip the trained weights' gradient norm -> the norm before clipping (a plain tensor)."""
-        norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+        """Clip the trained weights' gradient norm -> the norm before clipping (a plain tensor). The weights are
+        listed once (walking every module of the model each step costs a small model's step ~2 ms of host time)."""
+        if self.trained is None:
+            self.trained = [p for p in model.parameters() if p.requires_grad]
+        norm = nn.utils.clip_grad_norm_(self.trained, max_norm)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def full_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
