@@ -190,6 +190,18 @@ def test_the_world_is_deterministic_and_holds_pairs_out_of_training(tmp_path):
                for s in (sample_scene(rng, "train") for _ in range(200)))
 
 
+def test_drawing_on_several_processes_gives_the_same_rows():
+    """Each training scene comes from its own seed: the rows do not depend on how many processes drew them, a
+    scene drawn alone is the same scene, and the test scenes do not depend on the training size."""
+    from minimind_v.data.world import training_scene
+
+    alone = world_rows(12, 4, seed=3, workers=1)
+    assert world_rows(12, 4, seed=3, workers=3) == alone
+    assert [r for r in alone if r[0] == "train" and r[1] == 7] == training_scene(3, 0.3, 7)
+    assert len({r[5] for r in alone if r[0] == "train"}) == 12  # twelve different images
+    assert [r for r in world_rows(5, 4, seed=3) if r[0] == "test"] == [r for r in alone if r[0] == "test"]
+
+
 def test_baselines_take_the_image_away():
     images = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(4)]
     items = [QAItem("<image>\nq", "a", [images[i // 2]], qtype="t") for i in range(8)]  # two questions an image

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from .records import qa_conversations, write_parquet
-from .render import (COLORS, FONTS, Style, canvas, degrade, draw_shape, draw_text, encode_png, enlarge, sample_color,
-                     shrink)
+from .render import (COLORS, FONTS, Style, canvas, degrade, draw_shape, draw_text, drawn_in_parallel, encode_png,
+                     enlarge, sample_color, shrink)
 
 KINDS = ("circle", "rectangle", "triangle", "star", "heart", "arrow")
 PLURAL = {"circle": "circles", "rectangle": "rectangles", "triangle": "triangles", "star": "stars",
@@ -128,22 +129,35 @@ def caption_objects(text: str) -> tuple:
     return tuple(sorted(pairs))
 
 
-def world_rows(train_scenes: int, test_scenes: int, seed: int = 0, reading: float = 0.3) -> list[tuple]:
+def world_rows(train_scenes: int, test_scenes: int, seed: int = 0, reading: float = 0.3,
+               workers: int | None = None) -> list[tuple]:
     """(split, scene number, question, answer, skill, PNG bytes) of a seeded world; `reading`: the share of
-    reading scenes (reading one word of fifty needs more examples than the other skills)."""
+    reading scenes (reading one word of fifty needs more examples than the other skills). Each training scene has
+    its own seed, so they are drawn on `workers` processes (default: every core); the test scenes come from one
+    stream of their own. Either way the test set is the same for any training size."""
     from .world_questions import questions
 
     if not 0 <= reading <= 1 or train_scenes < 0 or test_scenes < 0:
         raise ValueError(f"the share of reading scenes must be in [0, 1] (got {reading}) and the scene counts at "
                          f"least 0 (got {train_scenes}, {test_scenes})")
-    rows = []
-    for split, scenes, style in (("train", train_scenes, TRAIN_STYLE), ("test", test_scenes, TEST_STYLE)):
-        rng = random.Random(f"{split}:{seed}")  # a stream per split: the test set is the same for any training size
-        for number in range(scenes):
-            scene = sample_scene(rng, split, reading=rng.random() < reading)
-            data = encode_png(render_scene(scene, style, rng))
-            rows += [(split, number, q, a, skill, data) for q, a, skill in questions(scene, rng, split == "train")]
+    drawn = drawn_in_parallel(functools.partial(training_scene, seed, reading), train_scenes, workers)
+    rows = [row for scene_rows in drawn for row in scene_rows]
+    rng = random.Random(f"test:{seed}")
+    for number in range(test_scenes):
+        scene = sample_scene(rng, "test", reading=rng.random() < reading)
+        data = encode_png(render_scene(scene, TEST_STYLE, rng))
+        rows += [("test", number, q, a, skill, data) for q, a, skill in questions(scene, rng, False)]
     return rows
+
+
+def training_scene(seed: int, reading: float, number: int) -> list[tuple]:
+    """Training scene `number` of `world_rows(..., seed, reading)`, drawn from its own seed, with its rows."""
+    from .world_questions import questions
+
+    rng = random.Random(f"train:{seed}:{number}")
+    scene = sample_scene(rng, "train", reading=rng.random() < reading)
+    data = encode_png(render_scene(scene, TRAIN_STYLE, rng))
+    return [("train", number, q, a, skill, data) for q, a, skill in questions(scene, rng, True)]
 
 
 def save_world(folder: str, rows: list[tuple]) -> dict:
