@@ -7,6 +7,7 @@ import struct
 import zlib
 
 import pytest
+import torch
 from PIL import Image
 
 from minimind_v.cli import main
@@ -67,6 +68,22 @@ def test_cli_eval_scores_what_it_can_and_counts_the_rest(model_dir, hostile, cap
     assert report["total"] == 2 and set(report["per_type"]) == {"color", "count"}
     assert "skipped 10 of 12 records" in report["skipped"] and "1 question the model cannot take" in report["skipped"]
     assert "Traceback" not in captured.err
+
+
+def test_cli_eval_runs_where_it_is_told_and_refuses_what_it_cannot_have(model_dir, hostile, capsys):
+    """--device and --dtype as chat and serve take them: the same answers on the CPU named outright, a clear error
+    (before any loading) for a dtype that does not exist or a GPU the machine lacks."""
+    base = ["eval", "--model", str(model_dir), "--data", str(hostile / "qa.jsonl"), "--image-root", str(hostile)]
+    assert main(base + ["--device", "cpu"]) == 0
+    cpu = json.loads(capsys.readouterr().out)
+    assert main(base + ["--device", "cpu", "--dtype", "fp32"]) == 0  # what auto means on a CPU
+    assert json.loads(capsys.readouterr().out)["examples"] == cpu["examples"] and cpu["total"] == 2
+    assert main(base + ["--dtype", "int4"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown dtype 'int4'" in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        assert main(base + ["--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content", ["", "\n\n", "{not json\n", json.dumps({"question": 1, "answer": 2}) + "\n"])

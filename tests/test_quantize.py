@@ -61,10 +61,10 @@ def test_int8_flag_of_bench_decode(capsys):
 def test_eval_int8_answers_with_int8_layers(model_dir, tmp_path, monkeypatch):
     import json
 
-    import minimind_v.models.quantize as quantize
+    import minimind_v.build as build
 
     replaced = []  # what each quantize_int8 call replaced (the original function, counted)
-    monkeypatch.setattr(quantize, "quantize_int8", lambda model: replaced.append(quantize_int8(model)))
+    monkeypatch.setattr(build, "quantize_int8", lambda model: replaced.append(quantize_int8(model)))
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"question": "what color?", "answer": "red"}) + "\n")
     out = tmp_path / "answers.jsonl"

@@ -129,17 +129,16 @@ def _evaluator(path: str, image_root: str | None, limit: int | None, train_args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..build import load_model as load_saved
+    from ..build import for_inference, load_model as load_saved
     from ..data.skips import SkipStats
+    from ..device import compute_dtype, pick_device
     from ..evaluate import evaluate, evaluate_with_baselines, load_eval_items, report_table
 
+    compute_dtype(pick_device(args.device), args.dtype)  # a device or dtype it cannot have fails before any loading
     stats = SkipStats()
     items = load_eval_items(args.data, args.image_root, stats)[:args.limit]
     model, tokenizer = load_saved(args.model, args.tokenizer)
-    if args.int8:
-        from ..models.quantize import quantize_int8
-
-        quantize_int8(model.eval())  # (an int8 folder already is: nothing changes)
+    model = for_inference(model, args.device, args.dtype, args.int8)  # (an int8 folder already is int8)
     settings = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stats=stats,
                     keep_predictions=bool(args.output))
     report = (evaluate_with_baselines(model.eval(), tokenizer, items, progress=True, **settings) if args.baselines
@@ -214,6 +213,8 @@ def add_other_parsers(sub) -> None:
     ev.add_argument("--limit", type=int, help="score only the first N questions")
     ev.add_argument("--batch-size", type=int, default=64, help="questions answered together")
     ev.add_argument("--max-new-tokens", type=int, default=16, help="the longest answer generated")
+    ev.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:1, mps")
+    ev.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU)")
     ev.add_argument("--int8", action="store_true", help="answer with the decoder layers' weights as int8 (as chat, "
                                                         "serve, web and bench decode --int8)")
     ev.add_argument("--output", metavar="FILE.jsonl", help="write every answer (question, answer, prediction, "
