@@ -141,8 +141,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = for_inference(model, args.device, args.dtype, args.int8)  # (an int8 folder already is int8)
     settings = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stats=stats,
                     keep_predictions=bool(args.output))
-    report = (evaluate_with_baselines(model.eval(), tokenizer, items, progress=True, **settings) if args.baselines
-              else evaluate(model.eval(), tokenizer, items, progress="answers", **settings))
+    report = (evaluate_with_baselines(model, tokenizer, items, progress=True, **settings) if args.baselines
+              else evaluate(model, tokenizer, items, progress="answers", **settings))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in report.pop("predictions") if p)

@@ -8,7 +8,7 @@
 
 `Style` says how far each knob goes: `Style.easy()` draws easy-vqa's own look (64 px squares, pale tints, upright
 shapes, pure colours), `Style.shifted()` everything above. Everything comes from a `random.Random`, so a seed gives
-the same image every time; `drawn_in_parallel` draws items that each have their own seed on every core.
+the same image every time.
 """
 
 from __future__ import annotations
@@ -16,12 +16,8 @@ from __future__ import annotations
 import colorsys
 import io
 import math
-import os
 import random
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
@@ -39,7 +35,6 @@ COLOR_BOXES = {
 PURE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0), "black": (0, 0, 0),
         "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (165, 42, 42)}  # easy-vqa's own
 COLORS = tuple(COLOR_BOXES)
-T = TypeVar("T")
 SHAPES = ("circle", "rectangle", "triangle")
 GLYPHS = ("star", "arrow", "heart")
 FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSerif-Bold.ttf")
@@ -207,14 +202,3 @@ def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)  # fast: renders are written by the thousand
     return buffer.getvalue()
-
-
-def drawn_in_parallel(draw: Callable[[int], T], count: int, workers: int | None = None) -> list[T]:
-    """[draw(0), ..., draw(count - 1)] on `workers` processes (default: one a core). `draw` must be picklable (a
-    module-level function or a partial of one) and seed each item from its number alone, so that the items are the
-    same for any number of workers."""
-    workers = min(workers or os.cpu_count() or 1, count)
-    if workers <= 1:
-        return [draw(i) for i in range(count)]
-    with ProcessPoolExecutor(workers) as pool:  # items in order; chunks amortise the hand-over
-        return list(pool.map(draw, range(count), chunksize=max(1, min(64, count // (workers * 4)))))

@@ -20,13 +20,14 @@ import json
 import os
 import random
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
 from .records import qa_conversations, write_parquet
-from .render import (COLORS, FONTS, Style, canvas, degrade, draw_shape, draw_text, drawn_in_parallel, encode_png,
-                     enlarge, sample_color, shrink)
+from .render import (COLORS, FONTS, Style, canvas, degrade, draw_shape, draw_text, encode_png, enlarge, sample_color,
+                     shrink)
 
 KINDS = ("circle", "rectangle", "triangle", "star", "heart", "arrow")
 PLURAL = {"circle": "circles", "rectangle": "rectangles", "triangle": "triangles", "star": "stars",
@@ -133,31 +134,35 @@ def world_rows(train_scenes: int, test_scenes: int, seed: int = 0, reading: floa
                workers: int | None = None) -> list[tuple]:
     """(split, scene number, question, answer, skill, PNG bytes) of a seeded world; `reading`: the share of
     reading scenes (reading one word of fifty needs more examples than the other skills). Each training scene has
-    its own seed, so they are drawn on `workers` processes (default: every core); the test scenes come from one
-    stream of their own. Either way the test set is the same for any training size."""
-    from .world_questions import questions
-
+    its own seed, so they are drawn on `workers` processes (default: one a core) and are the same for any number of
+    them; the test scenes come from one stream of their own, the same for any training size."""
     if not 0 <= reading <= 1 or train_scenes < 0 or test_scenes < 0:
         raise ValueError(f"the share of reading scenes must be in [0, 1] (got {reading}) and the scene counts at "
                          f"least 0 (got {train_scenes}, {test_scenes})")
-    drawn = drawn_in_parallel(functools.partial(training_scene, seed, reading), train_scenes, workers)
-    rows = [row for scene_rows in drawn for row in scene_rows]
+    draw = functools.partial(training_scene, seed, reading)
+    workers = min(workers or os.cpu_count() or 1, train_scenes)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:  # scenes in order; chunks amortise the hand-over
+            drawn = list(pool.map(draw, range(train_scenes), chunksize=max(1, min(64, train_scenes // (workers * 4)))))
+    else:
+        drawn = [draw(number) for number in range(train_scenes)]
     rng = random.Random(f"test:{seed}")
-    for number in range(test_scenes):
-        scene = sample_scene(rng, "test", reading=rng.random() < reading)
-        data = encode_png(render_scene(scene, TEST_STYLE, rng))
-        rows += [("test", number, q, a, skill, data) for q, a, skill in questions(scene, rng, False)]
-    return rows
+    drawn += [scene_rows("test", number, rng, reading) for number in range(test_scenes)]
+    return [row for rows in drawn for row in rows]
 
 
 def training_scene(seed: int, reading: float, number: int) -> list[tuple]:
     """Training scene `number` of `world_rows(..., seed, reading)`, drawn from its own seed, with its rows."""
+    return scene_rows("train", number, random.Random(f"train:{seed}:{number}"), reading)
+
+
+def scene_rows(split: str, number: int, rng: random.Random, reading: float) -> list[tuple]:
+    """A scene of `split` drawn from `rng` (a word to read with probability `reading`), rendered, with its rows."""
     from .world_questions import questions
 
-    rng = random.Random(f"train:{seed}:{number}")
-    scene = sample_scene(rng, "train", reading=rng.random() < reading)
-    data = encode_png(render_scene(scene, TRAIN_STYLE, rng))
-    return [("train", number, q, a, skill, data) for q, a, skill in questions(scene, rng, True)]
+    scene = sample_scene(rng, split, reading=rng.random() < reading)
+    data = encode_png(render_scene(scene, TRAIN_STYLE if split == "train" else TEST_STYLE, rng))
+    return [(split, number, q, a, skill, data) for q, a, skill in questions(scene, rng, split == "train")]
 
 
 def save_world(folder: str, rows: list[tuple]) -> dict:
