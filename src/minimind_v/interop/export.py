@@ -104,40 +104,44 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, vision: str | 
     """`.pth` -> folder (this project's, or the remote-code export), or folder -> `.pth`; `int8`: the folder written
     holds the decoder layers' weights as int8 (LoRA adapters folded in first). Returns what it did."""
     source, target = os.fspath(source), os.fspath(target)
-    to_pth = target.endswith((".pth", ".pt"))
+    to_pth, from_folder = target.endswith((".pth", ".pt")), os.path.isdir(source)
     if int8 and to_pth:
         raise ValueError("--int8 writes a folder: the original .pth layout has no int8 weights")
-    if os.path.isdir(source):
-        vision_kw = {"vision_model_path": vision} if vision else ({"vision_model_path": None} if to_pth else {})
-        model = load_vlm(source, **vision_kw)
-        tokenizer = tokenizer or (source if os.path.isfile(os.path.join(source, "tokenizer_config.json")) else None)
-        if not model.supports_original_layout and (to_pth or remote_code):
-            raise ValueError(f"{source} is built on a Hugging Face language model ({model.config.llm_path}); the "
-                             "original .pth layout and the remote-code export know only MiniMind: convert it to a "
-                             "folder (the merged export) instead")
-        if to_pth and model.config.int8_weights:
-            raise ValueError(f"{source} holds int8 weights: the original .pth layout has none; convert the "
-                             "full-precision folder it came from")
-        if int8:
-            quantize_for_folder(model)
-        if to_pth:
-            model.merge_lora()
-            save_original(model, target)
-            return f"wrote original checkpoint {target} ({sum(p.numel() for p in model.parameters()):,} parameters)"
-        if not remote_code:
-            export_merged(model, target, tokenizer)
-            return (f"wrote merged folder {target} (LoRA adapters folded in; the language model included"
-                    + ("; the decoder layers' weights int8)" if int8 else ")"))
+    if from_folder:
+        model, tokenizer = folder_source(source, vision, tokenizer, to_pth, remote_code)
     else:
         model = load_original(source, vision_model_path=vision, **overrides)
-        if int8:
-            quantize_for_folder(model)
+    if int8:
+        quantize_for_folder(model)
+    if from_folder and to_pth:
+        model.merge_lora()
+        save_original(model, target)
+        return f"wrote original checkpoint {target} ({sum(p.numel() for p in model.parameters()):,} parameters)"
+    if from_folder and not remote_code:
+        export_merged(model, target, tokenizer)
+        return (f"wrote merged folder {target} (LoRA adapters folded in; the language model included"
+                + ("; the decoder layers' weights int8)" if int8 else ")"))
     if remote_code:
         export_remote_code(model, target, tokenizer)
     else:
         save_hf_folder(model, target, tokenizer)
     kind = "self-contained remote-code folder" if remote_code else "Hugging Face folder"
     return f"wrote {kind} {target} (MiniMind generation detected from {os.path.basename(source)})"
+
+
+def folder_source(source: str, vision: str | None, tokenizer: str | None, to_pth: bool, remote_code: bool):
+    """A model folder to convert -> (model, tokenizer folder or None); what the target cannot hold is refused."""
+    vision_kw = {"vision_model_path": vision} if vision else ({"vision_model_path": None} if to_pth else {})
+    model = load_vlm(source, **vision_kw)
+    tokenizer = tokenizer or (source if os.path.isfile(os.path.join(source, "tokenizer_config.json")) else None)
+    if not model.supports_original_layout and (to_pth or remote_code):
+        raise ValueError(f"{source} is built on a Hugging Face language model ({model.config.llm_path}); the "
+                         "original .pth layout and the remote-code export know only MiniMind: convert it to a "
+                         "folder (the merged export) instead")
+    if to_pth and model.config.int8_weights:
+        raise ValueError(f"{source} holds int8 weights: the original .pth layout has none; convert the "
+                         "full-precision folder it came from")
+    return model, tokenizer
 
 
 def quantize_for_folder(model) -> None:
