@@ -82,6 +82,16 @@ def test_a_filled_feature_cache_spares_decoding_and_changes_no_loss(workspace, t
     assert len(decoded) == 1 and "1 corrupt image" in second["skipped"]  # the corrupt record, once (then remembered)
 
 
+def test_bf16_on_the_cpu_reads_the_fp16_feature_cache(workspace, tmp_path):
+    """--dtype bf16 on a CPU with a feature cache: the cached fp16 features are gathered outside autocast (inside it,
+    CPU autocast refused them with a RuntimeError)."""
+    cache = str(tmp_path / "cache")
+    summary = Trainer(args_for(workspace, "sft", tmp_path / "a", freeze=0, max_steps=2, feature_cache=cache,
+                               dtype="bf16", device="cpu")).run()
+    assert summary["steps"] == 2 and summary["loss"] == summary["loss"]  # finite, not NaN
+    assert os.listdir(cache)  # the features were cached, and read back as fp16 in the second step
+
+
 def test_the_logged_loss_is_the_mean_of_its_interval(workspace, tmp_path):
     def logged(out, every):
         Trainer(args_for(workspace, "sft", tmp_path / out, freeze=0, max_steps=6, log_every=every,

@@ -64,7 +64,8 @@ class ImageFeatures:
         if self.cache is None:
             return self._encode(images).to(device)
         self.add(images, keys)
-        stacked = torch.stack([self.cache[k] for k in keys])  # [N, T, D] fp16 on the CPU
+        with torch.autocast("cpu", enabled=False):  # gathering, not compute: CPU autocast refuses fp16 inputs
+            stacked = torch.stack([self.cache[k] for k in keys])  # [N, T, D] fp16 on the CPU
         if device.type == "cuda":  # pinned: the copy does not make the host wait for the GPU
             stacked = stacked.pin_memory()
         return stacked.to(device, non_blocking=True).float()
