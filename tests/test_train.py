@@ -89,7 +89,7 @@ def test_bf16_on_the_cpu_reads_the_fp16_feature_cache(workspace, tmp_path):
     summary = Trainer(args_for(workspace, "sft", tmp_path / "a", freeze=0, max_steps=2, feature_cache=cache,
                                dtype="bf16", device="cpu")).run()
     assert summary["steps"] == 2 and summary["loss"] == summary["loss"]  # finite, not NaN
-    assert os.listdir(cache)  # the features were cached, and read back as fp16 in the second step
+    assert os.listdir(cache)  # the features were cached: every step read them back as fp16
 
 
 def test_the_logged_loss_is_the_mean_of_its_interval(workspace, tmp_path):
