@@ -79,6 +79,25 @@ def test_cli_offers_every_demo_size():
     assert next(a for a in demo_parser._actions if a.dest == "size").choices == list(SIZES)
 
 
+def test_world_large_reads_64_tokens_from_256_px():
+    """`--size world-large`: the tower reads the image at 256 px and gives an 8 x 8 grid, which the model splices in
+    place of its 64 placeholders."""
+    import torch
+    from PIL import Image
+
+    from minimind_v.build import preset_model
+    from minimind_v.models.efficientnet import EFFICIENTNET_MULTISCALE
+
+    size = SIZES["world-large"]
+    model = preset_model("minimind2-v", EFFICIENTNET_MULTISCALE, size.preset).eval()
+    pixels = model.vision_tower.processor([Image.new("RGB", (300, 200), "white")])["pixel_values"]
+    assert pixels.shape == (1, 3, 256, 256)
+    with torch.no_grad():
+        features = model.vision_tower(pixels)
+    assert features.shape[1] == model.config.image_token_len == 64
+    assert size.max_seq_len > 64 + SIZES["world"].max_seq_len - 16  # room for the world's longest samples
+
+
 @pytest.mark.slow
 def test_full_demo_sees(tmp_path):
     """The README's numbers: `python -m pytest -m slow -k full tests/test_demo.py` (about 11 minutes on 2 cores):

@@ -35,8 +35,8 @@ PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
 
 @dataclass
 class DemoSize:
-    """How big and how long: `default` (easy-vqa's skills), `world` (and the visual world's), `quick` (CI's reduced
-    chain)."""
+    """How big and how long: `default` (easy-vqa's skills), `world` (and the visual world's), `world-large` (the
+    same with 64 visual tokens and more scenes: a GPU's), `quick` (CI's reduced chain)."""
     preset: dict
     vocab_size: int = 512
     llm_epochs: int = 1
@@ -61,6 +61,9 @@ SIZES = {
     "default": DemoSize(preset=MODEL, sft_epochs=5),
     # easy-vqa and the visual world's skills (counting, relations, binding, existence, reading, captions)
     "world": DemoSize(preset=MODEL, world=26000, packing=True, share_prefix=4),
+    # the world with 64 visual tokens (the tower at 256 px) and 40,000 scenes: every skill higher; for a GPU
+    "world-large": DemoSize(preset={**MODEL, "image_token_len": 64}, world=40000, max_seq_len=192, packing=True,
+                            share_prefix=4),
     # CI's reduced chain: every stage and every evaluation (a small world included), in a few minutes
     "quick": DemoSize(preset=MODEL, sft_epochs=1, batch_size=16, limit=256, renders=40, eval_renders=20, world=30,
                       world_test=20, packing=True, share_prefix=4),

@@ -243,7 +243,8 @@ def add_other_parsers(sub) -> None:
     tok_train.set_defaults(func=cmd_tokenizer)
     demo = sub.add_parser("demo", help="train a VLM end to end on the CPU from packaged data (easy-vqa)")
     demo.add_argument("--out", default="minimind-v-demo", help="folder for its data, runs, report and samples")
-    demo.add_argument("--size", default="default", choices=["default", "world", "quick"],  # demo.SIZES
+    demo.add_argument("--size", default="default", choices=["default", "world", "world-large", "quick"],  # demo.SIZES
                       help="default: easy-vqa's skills (~10 min on a 2-core CPU); world: and the visual world's "
-                           "(~28 min); quick: a reduced chain in a few minutes")
+                           "(~28 min); world-large: the world with 64 visual tokens and 40,000 scenes, every skill "
+                           "higher (for a GPU); quick: a reduced chain in a few minutes")
     demo.set_defaults(func=cmd_demo)
