@@ -21,6 +21,11 @@ from .vision_tower import VisionTower, image2tensor
 
 logger = logging.getLogger(__name__)
 
+# images a tower pass: on a CPU small chunks keep the activations in the caches (EfficientNet-Lite0 at 128 px on a
+# 2-core CPU: 16 at a time 3-5 x the images/s of 256, the same features; a ViT-B/16 the same speed either way)
+CPU_CHUNK = 16
+GPU_CHUNK = 256
+
 
 def tower_id(config, tower: VisionTower) -> str:
     """What identifies a tower's features: where it comes from, its kind, the tokens and width it gives (the
@@ -43,10 +48,11 @@ def pixel_key(image: Image.Image) -> str:
 class ImageFeatures:
     """images (+ content keys) -> tower features [N, T, D] on `device`, cached by key when a cache is enabled."""
 
-    def __init__(self, tower: VisionTower, cache_dir: str | None = None, name: str = "tower", batch_size: int = 256,
-                 in_memory: bool = False):
+    def __init__(self, tower: VisionTower, cache_dir: str | None = None, name: str = "tower",
+                 batch_size: int | None = None, in_memory: bool = False):
         """`cache_dir`: keep the features there (and in memory); `in_memory`: keep them in memory only (an
-        evaluation that asks several questions about each image runs the tower once per image)."""
+        evaluation that asks several questions about each image runs the tower once per image); `batch_size`:
+        images a tower pass (default: CPU_CHUNK on a CPU, GPU_CHUNK elsewhere)."""
         self.tower, self.batch_size = tower, batch_size
         self.path = os.path.join(cache_dir, f"{name}.safetensors") if cache_dir else None
         self.cache: dict[str, torch.Tensor] | None = {} if cache_dir is not None or in_memory else None
@@ -90,14 +96,19 @@ class ImageFeatures:
 
     def _encode(self, images: list[Image.Image | torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """PIL images or pixel values ([3, H, W] each, or stacked) -> [N, T, D], in chunks of batch_size."""
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
+        chunks, size = [], self.batch_size or self._chunk()
+        for start in range(0, len(images), size):
+            chunk = images[start:start + size]
             if isinstance(chunk, list):
                 chunk = (torch.stack(chunk) if isinstance(chunk[0], torch.Tensor)
                          else torch.cat([image2tensor(img, self.tower.processor) for img in chunk]))
             chunks.append(self.tower(chunk).float())  # the tower moves and casts the pixels (workers' may be fp16)
         return torch.cat(chunks)
+
+    def _chunk(self) -> int:
+        """Images a tower pass where it runs: on a CPU a few at a time, whose activations stay in the caches."""
+        weight = next(self.tower.parameters(), None)
+        return CPU_CHUNK if weight is None or weight.device.type == "cpu" else GPU_CHUNK
 
     def save(self) -> None:
         """Write the cache to disk (atomically) if anything was added."""
