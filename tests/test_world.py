@@ -202,6 +202,25 @@ def test_drawing_on_several_processes_gives_the_same_rows():
     assert [r for r in world_rows(5, 4, seed=3) if r[0] == "test"] == [r for r in alone if r[0] == "test"]
 
 
+def test_training_renders_are_the_same_on_any_number_of_processes():
+    """The demo's renders: the random draws in one stream, the painting on several processes; the rows are those of
+    drawing each image with `render_single` from that stream, one after another."""
+    from minimind_v.data.easy_shapes import STORED_SIDE, rendered_rows
+    from minimind_v.data.render import encode_png
+
+    rows = rendered_rows(9, seed=5, workers=1)
+    assert rendered_rows(9, seed=5, workers=3) == rows
+    rng = random.Random(5)
+    for number in range(9):
+        image, color, shape = render_single(Style.train(), rng)
+        image.thumbnail((STORED_SIDE, STORED_SIDE), Image.Resampling.LANCZOS)
+        pair, asked = color_pair(color, rng), questions(color, shape, rng, 2)
+        assert rows[6 * number:6 * number + 6] == [
+            (q, a, encode_png(image)) for q, a in [(f"what color is the {shape}?", color),
+                                                   ("what shape is in the image?", shape), *pair,
+                                                   *[(q, a) for q, a, _ in asked]]]
+
+
 def test_baselines_take_the_image_away():
     images = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(4)]
     items = [QAItem("<image>\nq", "a", [images[i // 2]], qtype="t") for i in range(8)]  # two questions an image

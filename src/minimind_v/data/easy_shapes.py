@@ -8,11 +8,14 @@ as easy-vqa, so a model trained on easy-vqa can be scored on either, and renders
 
 from __future__ import annotations
 
+import os
 import random
+from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image, ImageDraw
 
-from .render import COLORS, SHAPES, Style, canvas, degrade, draw_shape, encode_png, enlarge, sample_color, shrink
+from .render import (COLORS, SHAPES, Degradation, Style, canvas, draw_shape, encode_png, enlarge, sample_color,
+                     shrink)
 
 STORED_SIDE = 224  # training renders are stored at most this large: the demo towers' largest input side
 # easy-vqa's templates: {thing} is "<colour> shape" or a shape name
@@ -27,6 +30,12 @@ IS_NOT = ("is there not a {thing}?", "is there not a {thing} in the image?", "do
 
 def render_single(style: Style, rng: random.Random) -> tuple[Image.Image, str, str]:
     """(image, colour name, shape name): one shape on a canvas of the style, degraded as it allows."""
+    image, degradation, color_name, shape = drawn_single(style, rng)
+    return degradation.apply(image), color_name, shape
+
+
+def drawn_single(style: Style, rng: random.Random) -> tuple[Image.Image, Degradation, str, str]:
+    """`render_single` before its degradation: (image, the sampled degradation, colour name, shape name)."""
     image = canvas(style, rng)
     color_name, shape = rng.choice(COLORS), rng.choice(SHAPES)
     color = sample_color(color_name, rng, style.pure_colors)
@@ -40,8 +49,7 @@ def render_single(style: Style, rng: random.Random) -> tuple[Image.Image, str, s
         outline = tuple(round(c * 0.45) for c in color)
     angle = rng.uniform(0, 360) if style.rotate else 0.0
     draw_shape(ImageDraw.Draw(big), shape, (cx, cy, r), color, angle, outline, rng, scale)
-    image = shrink(big, scale)
-    return degrade(image, style, rng), color_name, shape
+    return shrink(big, scale), Degradation.sample(style, rng), color_name, shape
 
 
 def questions(color: str, shape: str, rng: random.Random, count: int = 6) -> list[tuple[str, str, str]]:
@@ -95,19 +103,31 @@ def color_pair(color: str, rng: random.Random) -> list[tuple[str, str]]:
             (template.format(thing=f"{other} shape"), "no" if truth == "yes" else "yes")]
 
 
-def rendered_rows(images: int, seed: int) -> list[tuple[str, str, bytes]]:
+def rendered_rows(images: int, seed: int, workers: int | None = None) -> list[tuple[str, str, bytes]]:
     """(question, answer, PNG bytes) of `images` training renders (`Style.train()`), 6 questions each: the first two
     name the colour and the shape (what the image's description is made of), then a `color_pair`, then two of
-    `questions`."""
-    rng, rows = random.Random(seed), []
-    for _ in range(images):
-        image, color, shape = render_single(Style.train(), rng)
-        image.thumbnail((STORED_SIDE, STORED_SIDE), Image.Resampling.LANCZOS)
-        data = encode_png(image)
-        rows += [(f"what color is the {shape}?", color, data), ("what shape is in the image?", shape, data)]
-        rows += [(q, a, data) for q, a in color_pair(color, rng)]
-        rows += [(q, a, data) for q, a, _ in questions(color, shape, rng, 2)]
-    return rows
+    `questions`. The images are finished (degraded, shrunk, encoded) on `workers` processes (default: one a core),
+    the same for any number of them."""
+    rng, drawn, asked = random.Random(seed), [], []
+    for _ in range(images):  # the random draws in one stream, in order; the painting after them, on every core
+        image, degradation, color, shape = drawn_single(Style.train(), rng)
+        drawn.append((image, degradation))
+        qa = [(f"what color is the {shape}?", color), ("what shape is in the image?", shape)]
+        asked.append(qa + color_pair(color, rng) + [(q, a) for q, a, _ in questions(color, shape, rng, 2)])
+    workers = min(workers or os.cpu_count() or 1, images)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            stored = list(pool.map(finished_png, drawn, chunksize=max(1, min(64, images // (workers * 4)))))
+    else:
+        stored = [finished_png(item) for item in drawn]
+    return [(q, a, data) for qa, data in zip(asked, stored) for q, a in qa]
+
+
+def finished_png(drawn: tuple[Image.Image, Degradation]) -> bytes:
+    """A drawn render degraded, shrunk to at most STORED_SIDE and encoded (no random draws left)."""
+    image = drawn[1].apply(drawn[0])
+    image.thumbnail((STORED_SIDE, STORED_SIDE), Image.Resampling.LANCZOS)
+    return encode_png(image)
 
 
 def make_split(images: int, seed: int, draw=None, per_image: int = 6) -> list[tuple[str, str, str, Image.Image]]:

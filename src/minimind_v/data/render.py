@@ -110,9 +110,13 @@ def canvas(style: Style, rng: random.Random) -> Image.Image:
 
 def grey_noise(size: tuple[int, int], sigma: float, rng: random.Random) -> Image.Image:
     """Grey Gaussian noise around 128, seeded from `rng` (PIL's own noise is not)."""
+    return seeded_noise(size, sigma, rng.randrange(2 ** 32))
+
+
+def seeded_noise(size: tuple[int, int], sigma: float, seed: int) -> Image.Image:
     import numpy as np
 
-    noise = np.random.default_rng(rng.randrange(2 ** 32)).normal(128, sigma, (size[1], size[0]))
+    noise = np.random.default_rng(seed).normal(128, sigma, (size[1], size[0]))
     return Image.fromarray(noise.clip(0, 255).astype(np.uint8), "L").convert("RGB")
 
 
@@ -184,18 +188,37 @@ def _font_path(name: str) -> str:
     return os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf", name)
 
 
+@dataclass(frozen=True)
+class Degradation:
+    """Sampled degradations, each None where not drawn: blur (its radius over the short side), pixel noise (sigma,
+    seed), JPEG quality."""
+    blur: float | None
+    noise: tuple[float, int] | None
+    jpeg: int | None
+
+    @classmethod
+    def sample(cls, style: Style, rng: random.Random) -> "Degradation":
+        blur = rng.uniform(0, style.blur) if style.blur and rng.random() < 0.5 else None
+        noise = (rng.uniform(0, style.noise), rng.randrange(2 ** 32)) if style.noise and rng.random() < 0.5 else None
+        jpeg = rng.randint(*style.jpeg) if style.jpeg and rng.random() < 0.5 else None
+        return cls(blur, noise, jpeg)
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        """The image blurred, noised and JPEG-compressed as sampled (no random draws: painted anywhere)."""
+        if self.blur is not None:
+            image = image.filter(ImageFilter.GaussianBlur(self.blur * min(image.size)))
+        if self.noise is not None:
+            image = Image.blend(image, seeded_noise(image.size, 64, self.noise[1]), self.noise[0] / 128)
+        if self.jpeg is not None:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=self.jpeg)
+            image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        return image
+
+
 def degrade(image: Image.Image, style: Style, rng: random.Random) -> Image.Image:
     """Blur, pixel noise and JPEG, each as far as the style allows (sampled)."""
-    if style.blur and rng.random() < 0.5:
-        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, style.blur) * min(image.size)))
-    if style.noise and rng.random() < 0.5:
-        sigma = rng.uniform(0, style.noise)
-        image = Image.blend(image, grey_noise(image.size, 64, rng), sigma / 128)
-    if style.jpeg and rng.random() < 0.5:
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=rng.randint(*style.jpeg))
-        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-    return image
+    return Degradation.sample(style, rng).apply(image)
 
 
 def encode_png(image: Image.Image) -> bytes:
