@@ -8,14 +8,12 @@ as easy-vqa, so a model trained on easy-vqa can be scored on either, and renders
 
 from __future__ import annotations
 
-import os
 import random
-from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image, ImageDraw
 
-from .render import (COLORS, SHAPES, Degradation, Style, canvas, draw_shape, encode_png, enlarge, sample_color,
-                     shrink)
+from .render import (COLORS, SHAPES, Degradation, Style, canvas, draw_shape, encode_png, enlarge, on_every_core,
+                     sample_color, shrink)
 
 STORED_SIDE = 224  # training renders are stored at most this large: the demo towers' largest input side
 # easy-vqa's templates: {thing} is "<colour> shape" or a shape name
@@ -114,12 +112,7 @@ def rendered_rows(images: int, seed: int, workers: int | None = None) -> list[tu
         drawn.append((image, degradation))
         qa = [(f"what color is the {shape}?", color), ("what shape is in the image?", shape)]
         asked.append(qa + color_pair(color, rng) + [(q, a) for q, a, _ in questions(color, shape, rng, 2)])
-    workers = min(workers or os.cpu_count() or 1, images)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            stored = list(pool.map(finished_png, drawn, chunksize=max(1, min(64, images // (workers * 4)))))
-    else:
-        stored = [finished_png(item) for item in drawn]
+    stored = on_every_core(finished_png, drawn, workers)
     return [(q, a, data) for qa, data in zip(asked, stored) for q, a in qa]
 
 

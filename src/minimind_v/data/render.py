@@ -16,6 +16,7 @@ from __future__ import annotations
 import colorsys
 import io
 import math
+import os
 import random
 from dataclasses import dataclass
 
@@ -181,8 +182,6 @@ def draw_text(image: Image.Image, text: str, box: tuple[float, float, float], co
 
 def _font_path(name: str) -> str:
     """A TrueType font that matplotlib ships (DejaVu)."""
-    import os
-
     import matplotlib
 
     return os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf", name)
@@ -219,6 +218,18 @@ class Degradation:
 def degrade(image: Image.Image, style: Style, rng: random.Random) -> Image.Image:
     """Blur, pixel noise and JPEG, each as far as the style allows (sampled)."""
     return Degradation.sample(style, rng).apply(image)
+
+
+def on_every_core(function, items: list, workers: int | None = None) -> list:
+    """[function(item) for item in items], in order, on `workers` processes (default: one a core); chunks of items
+    amortise the hand-over. For drawing: `function` must make no draws of a shared stream."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(workers or os.cpu_count() or 1, len(items))
+    if workers <= 1:
+        return [function(item) for item in items]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(function, items, chunksize=max(1, min(64, len(items) // (workers * 4)))))
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -20,14 +20,13 @@ import json
 import os
 import random
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
 from .records import qa_conversations, write_parquet
-from .render import (COLORS, FONTS, Style, canvas, degrade, draw_shape, draw_text, encode_png, enlarge, sample_color,
-                     shrink)
+from .render import (COLORS, FONTS, Style, canvas, degrade, draw_shape, draw_text, encode_png, enlarge, on_every_core,
+                     sample_color, shrink)
 
 KINDS = ("circle", "rectangle", "triangle", "star", "heart", "arrow")
 PLURAL = {"circle": "circles", "rectangle": "rectangles", "triangle": "triangles", "star": "stars",
@@ -140,12 +139,7 @@ def world_rows(train_scenes: int, test_scenes: int, seed: int = 0, reading: floa
         raise ValueError(f"the share of reading scenes must be in [0, 1] (got {reading}) and the scene counts at "
                          f"least 0 (got {train_scenes}, {test_scenes})")
     draw = functools.partial(training_scene, seed, reading)
-    workers = min(workers or os.cpu_count() or 1, train_scenes)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:  # scenes in order; chunks amortise the hand-over
-            drawn = list(pool.map(draw, range(train_scenes), chunksize=max(1, min(64, train_scenes // (workers * 4)))))
-    else:
-        drawn = [draw(number) for number in range(train_scenes)]
+    drawn = on_every_core(draw, list(range(train_scenes)), workers)  # each scene from its own seed
     rng = random.Random(f"test:{seed}")
     drawn += [scene_rows("test", number, rng, reading) for number in range(test_scenes)]
     return [row for rows in drawn for row in rows]
