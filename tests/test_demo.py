@@ -47,7 +47,10 @@ def test_reduced_demo_runs_every_stage(tmp_path, capsys):
     assert report["total"] == 256 and set(report["per_type"]) == {"yes/no", "color", "shape"}
     assert len(report["photos"]) == 4 and "chelsea" in report["photos"][0]
     sets = report["sets"]
-    assert set(sets) == {"easy-vqa test", "renders", "shifted", "world", "world captions (object set)"}
+    assert set(sets) == {"easy-vqa test", "renders", "shifted", "world", "world, naming a held-out pair",
+                         "world captions (object set)"}
+    held = sets["world, naming a held-out pair"]  # the questions naming a composition training never named
+    assert 0 < held["total"] < sets["world"]["total"] and "predictions" not in sets["world"]
     assert sets["shifted"]["total"] == 6 * SIZES["quick"].eval_renders and "baselines" in sets["shifted"]
     skills = sets["world"]["per_type"]
     assert {"count", "relation (yes/no)", "binding", "existence (random)"} <= set(skills) and "caption" not in skills

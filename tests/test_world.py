@@ -13,8 +13,8 @@ from PIL import Image
 
 from minimind_v.data.easy_shapes import color_pair, make_split, questions, render_single, render_single_mpl
 from minimind_v.data.render import COLOR_BOXES, COLORS, PURE, Style, enlarge, sample_color, shrink
-from minimind_v.data.world import (HELD_OUT, Scene, Thing, caption, caption_objects, sample_scene, world_rows,
-                                   write_world)
+from minimind_v.data.world import (HELD_OUT, Scene, Thing, caption, caption_objects, names_held_out, sample_scene,
+                                   world_rows, write_world)
 from minimind_v.data.world_questions import questions as world_questions
 from minimind_v.evaluate import QAItem, baseline_items, caption_scores
 
@@ -180,6 +180,8 @@ def test_the_world_is_deterministic_and_holds_pairs_out_of_training(tmp_path):
     held = {f"{c} {k}" for c, k in HELD_OUT}
     captions = [json.loads(c)[1]["content"] for c, s in zip(train["conversations"], train["skill"]) if s == "caption"]
     assert not any(h in c for c in captions for h in held)
+    questions = [json.loads(c)[0]["content"] for c in train["conversations"]]  # nor is one asked about, even as a no
+    assert not any(names_held_out(q) for q in questions) and all(names_held_out(f"is there a {h}?") for h in held)
     tests = [json.loads(line) for line in open(tmp_path / "a" / "test.jsonl")]
     assert any(h in t["answer"] for t in tests if t["type"] == "caption" for h in held)
     assert all((tmp_path / "a" / t["image"]).is_file() for t in tests)

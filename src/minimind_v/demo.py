@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 from .device import pick_device
 from .evaluate import (QAItem, caption_scores, evaluate, evaluate_with_baselines, generate_answers,
-                       load_qa_jsonl, report_table)
+                       load_qa_jsonl, report_table, score)
 from .data.records import qa_conversations, write_parquet
 from .data.render import COLORS
+from .data.world import names_held_out
 from .data.world_questions import DESCRIBE
 from .models.efficientnet import EFFICIENTNET_MULTISCALE, MULTISCALE_WIDTH
 from .models.image_features import ImageFeatures, bytes_key, tower_id
@@ -242,7 +243,12 @@ def world_reports(model, tokenizer, items: list[QAItem], memory: ImageFeatures, 
     """The world's test questions by skill, with baselines; its captions scored by object set and BLEU."""
     skills = [i for i in items if i.qtype != "caption"]
     described = [i for i in items if i.qtype == "caption"]
-    reports = {"world": evaluate_with_baselines(model, tokenizer, skills, memory, batch_size=256, max_new_tokens=8)}
+    reports = {"world": evaluate_with_baselines(model, tokenizer, skills, memory, batch_size=256, max_new_tokens=8,
+                                                keep_predictions=True)}
+    named = [(i, p["prediction"]) for i, p in zip(skills, reports["world"].pop("predictions")) if p is not None
+             and names_held_out(i.question)]  # the compositions training never named, read apart
+    if named:
+        reports["world, naming a held-out pair"] = score(*zip(*named))
     predictions = generate_answers(model, tokenizer, described, memory, batch_size=256, max_new_tokens=48)
     reports["world captions (object set)"] = caption_scores([i.answer for i in described], predictions)
     for item, prediction in list(zip(described, predictions))[:4]:

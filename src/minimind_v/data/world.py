@@ -129,6 +129,11 @@ def caption_objects(text: str) -> tuple:
     return tuple(sorted(pairs))
 
 
+def names_held_out(text: str) -> bool:
+    """Whether a question or answer names a held-out colour-kind pair ("is there a red star?")."""
+    return any(f"{color} {kind}" in text.lower() for color, kind in HELD_OUT)
+
+
 def world_rows(train_scenes: int, test_scenes: int, seed: int = 0, reading: float = 0.3,
                workers: int | None = None) -> list[tuple]:
     """(split, scene number, question, answer, skill, PNG bytes) of a seeded world; `reading`: the share of

@@ -13,7 +13,8 @@
     caption                 "describe the image." -> world.caption
 Existence questions come in pairs (one yes, one no) per setting, so each setting's accuracy is balanced, as in POPE.
 Training scenes (`training=True`) ask their yes/no relations about pairs clearly apart (over CLEAR of the canvas
-along the asked axis) first; the test scenes about any pair over APART, as above.
+along the asked axis) first; the test scenes about any pair over APART, as above. No training question names a
+held-out colour-kind pair (world.HELD_OUT): those names are first read in the test scenes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import random
 
 from .render import COLORS
-from .world import KINDS, PLURAL, Scene, caption
+from .world import HELD_OUT, KINDS, PLURAL, Scene, caption
 
 DESCRIBE = "describe the image."  # the caption question (the demo asks it of easy-vqa's images too)
 APART = 0.18  # how far apart (fraction of the canvas) two things must be for a relation question
@@ -37,7 +38,7 @@ def questions(scene: Scene, rng: random.Random, training: bool = False) -> list[
     if scene.word:
         return [("what word is written in the image?", scene.word, "reading"),
                 (DESCRIBE, caption(scene), "caption")]
-    out = count(scene, rng) + relation(scene, rng, training) + binding(scene, rng) + existence(scene, rng)
+    out = count(scene, rng) + relation(scene, rng, training) + binding(scene, rng) + existence(scene, rng, training)
     return out + [(DESCRIBE, caption(scene), "caption")]
 
 
@@ -91,11 +92,13 @@ def binding(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     return out
 
 
-def existence(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
-    """One setting per scene (the one it can ask), as a yes and a no."""
+def existence(scene: Scene, rng: random.Random, training: bool = False) -> list[tuple[str, str, str]]:
+    """One setting per scene (the one it can ask), as a yes and a no; a training scene never asks about a held-out
+    pair (its answer would always be no: the model would learn the name, not look)."""
     present = {(t.color, t.kind) for t in scene.things}
     colors, kinds = {t.color for t in scene.things}, {t.kind for t in scene.things}
-    absent = [(c, k) for c in COLORS for k in KINDS if (c, k) not in present]
+    unnamed = present | (set(HELD_OUT) if training else set())
+    absent = [(c, k) for c in COLORS for k in KINDS if (c, k) not in unnamed]
     settings = {"random": [p for p in absent if p[0] not in colors and p[1] not in kinds],
                 "popular": [p for p in absent if (p[0] in colors) != (p[1] in kinds)],
                 "adversarial": [p for p in absent if p[0] in colors and p[1] in kinds]}
