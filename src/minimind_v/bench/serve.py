@@ -133,7 +133,8 @@ def _health(address: tuple[str, int], stop: threading.Event, out: list) -> None:
 
 
 class RssSampler(threading.Thread):
-    """The server process's resident memory every `interval` s: `peak` in bytes."""
+    """The server's resident memory (its process and theirs it started: an engine process) every `interval` s:
+    `peak` in bytes."""
 
     def __init__(self, pid: int | None, interval: float = 0.2):
         super().__init__(daemon=True)
@@ -143,7 +144,17 @@ class RssSampler(threading.Thread):
         self.peak, self.halt = self.now() or 0, threading.Event()
 
     def now(self) -> int | None:
-        return self.process.memory_info().rss if self.process is not None else None
+        import psutil
+
+        if self.process is None:
+            return None
+        total = self.process.memory_info().rss
+        for child in self.process.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:  # ended meanwhile
+                pass
+        return total
 
     def run(self) -> None:
         while not self.halt.wait(self.interval):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
 from .options import add_model_argument
 
 
-def engine_for(args: argparse.Namespace, cuda_graphs: bool = True, chain: int | None = None):
+def engine_for(args: argparse.Namespace, cuda_graphs: bool = True, chain: int | None = None, announce: bool = True):
     from ..build import describe, load_for_inference
     from ..config import parse_overrides
     from ..generation import Engine
@@ -22,7 +23,8 @@ def engine_for(args: argparse.Namespace, cuda_graphs: bool = True, chain: int | 
     else:
         model, tokenizer = load_for_inference(args.model, args.tokenizer, args.vision, args.device, args.dtype,
                                               args.int8, **parse_overrides(args.set))
-    print(f"[minimind-v] {args.model or 'reference model'}: {describe(model)}", file=sys.stderr)
+    if announce:
+        print(f"[minimind-v] {args.model or 'reference model'}: {describe(model)}", file=sys.stderr)
     return Engine(model, tokenizer, cuda_graphs=cuda_graphs, compile=args.compile, chain=chain)
 
 
@@ -52,7 +54,6 @@ def _require(extra: str, *modules: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _require("serve", "fastapi", "uvicorn")
-    import torch
     import uvicorn
 
     from ..device import pick_device, serving_threads
@@ -62,10 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(**settings_fields(args, os.environ))
     threads = serving_threads(pick_device(args.device), args.threads)  # a bad --threads fails before the model loads
     configure_access_log(args)
-    engine = engine_for(args)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    app = create_app(engine, settings)
+    engine, worker = serve_engine(args, settings, threads)
+    app = create_app(engine, settings, worker)
     print(f"[minimind-v] serving {settings.model_name!r} on http://{args.host}:{args.port}/v1"
           + (f" ({threads} decode thread{'s' if threads > 1 else ''})" if threads else ""), file=sys.stderr)
     try:  # SIGTERM/SIGINT: stop accepting, let requests finish for --drain-timeout s, cancel the rest, exit
@@ -74,6 +73,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn raises the SIGINT it handled again, once it has shut down
         pass
     return 0
+
+
+def serve_engine(args: argparse.Namespace, settings, threads: int | None):
+    """The server's engine, and with --engine-process the engine process (the model loaded there, on the device;
+    the server's copy on the CPU, for prompts and images); without, None: the app runs a worker thread."""
+    import torch
+
+    if not args.engine_process:
+        engine = engine_for(args)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return engine, None
+    from ..generation.engine_process import EngineProcess
+
+    front = argparse.Namespace(**{**vars(args), "device": "cpu", "compile": False, "int8": False})
+    engine = engine_for(front, announce=False)
+    return engine, EngineProcess(engine, functools.partial(engine_for, args), settings.max_queue, settings.max_batch,
+                                 settings.max_len, settings.request_timeout, warm_up=True, threads=threads)
 
 
 def cmd_web(args: argparse.Namespace) -> int:

@@ -59,6 +59,13 @@ class InFlight:
     arrived: object  # torch.cuda.Event, or None on a CPU
 
 
+def fits_a_slot(ids: list[int], max_len: int) -> list[int]:
+    """`ids`, or RequestError when a prompt this long leaves no room for a new token in a slot of `max_len`."""
+    if len(ids) >= max_len:
+        raise RequestError(f"the prompt is {len(ids)} tokens; this server holds at most {max_len} tokens per request")
+    return ids
+
+
 class ContinuousBatch:
     """Up to `slots` requests decoding together over `engine`'s model; each holds at most `max_len` positions
     (default: the model's context). `overlap`: launch a step before handling the previous one (default: on a GPU)."""
@@ -91,11 +98,7 @@ class ContinuousBatch:
 
     def check(self, request: GenerationRequest) -> list[int]:
         """The prompt's ids; RequestError when it leaves no room for a new token in a slot."""
-        ids = self.engine.encode(request)
-        if len(ids) >= self.max_len:
-            raise RequestError(f"the prompt is {len(ids)} tokens; this server holds at most {self.max_len} tokens "
-                               "per request")
-        return ids
+        return fits_a_slot(self.engine.encode(request), self.max_len)
 
     def admit(self, entries: list[tuple[object, GenerationRequest, float | None]]) -> list[tuple[object, StreamDelta]]:
         """(key, request, deadline) for at most `free` requests -> their first deltas (a request may end at once)."""

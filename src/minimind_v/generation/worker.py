@@ -44,14 +44,14 @@ class WorkerStopped(RuntimeError):
     """The worker is stopping or stopped: it takes no more jobs."""
 
 
-class _Failure:
+class Failure:
     """An exception on its way to a job's consumer."""
 
     def __init__(self, error: BaseException):
         self.error = error
 
 
-_END = object()
+END = object()
 
 
 class Job:
@@ -60,9 +60,9 @@ class Job:
     Iteration ends after the last delta; an engine error is raised there."""
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None,
-                 deadline: float | None = None):
+                 deadline: float | None = None, sink=None):
         request.cancel = request.cancel or threading.Event()
-        self.request, self.loop, self.deadline = request, loop, deadline
+        self.request, self.loop, self.deadline, self.sink = request, loop, deadline, sink
         self.submitted = time.monotonic()
         self.held, self.handed = "", 0.0  # text not handed over yet; when text was last handed over
         self._items: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
@@ -76,16 +76,20 @@ class Job:
         return self.request.cancel.is_set()
 
     def put(self, item) -> None:
-        """(the consumer's thread or loop) Hand over a delta, a _Failure or the end."""
-        self._items.put_nowait(item)
+        """(the consumer's thread or loop) Hand over a delta, a Failure or the end (to `sink(job, item)` instead,
+        when the job has one: the engine process relays them)."""
+        if self.sink is not None:
+            self.sink(self, item)
+        else:
+            self._items.put_nowait(item)
 
     def _unpack(self, item):
-        if isinstance(item, _Failure):
+        if isinstance(item, Failure):
             raise item.error
         return item
 
     def __iter__(self) -> Iterator[StreamDelta]:
-        while (item := self._unpack(self._items.get())) is not _END:
+        while (item := self._unpack(self._items.get())) is not END:
             yield item
 
     async def __aiter__(self) -> AsyncIterator[StreamDelta]:
@@ -103,7 +107,7 @@ class Job:
                 items.append(self._items.get_nowait())
             chunk = []
             for item in items:
-                if self._unpack(item) is _END:
+                if self._unpack(item) is END:
                     done = True
                     break
                 chunk.append(item)
@@ -187,11 +191,20 @@ class EngineWorker:
         """Requests in the running batch."""
         return self.batch.active
 
-    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> Job:
-        """Queue a request; its Job streams back to a thread (loop None) or to `loop`. RequestError when its
-        prompt does not fit a slot, ServerBusy when the queue is full, WorkerStopped after stop()."""
+    @property
+    def slots(self) -> int:
+        """Requests the running batch holds at most."""
+        return self.batch.pool.slots
+
+    def kv_bytes(self) -> int:
+        """The KV memory of the slots (0 until allocated)."""
+        return self.batch.pool.bytes()
+
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None, sink=None) -> Job:
+        """Queue a request; its Job streams back to a thread (loop None) or to `loop` (or to `sink`). RequestError
+        when its prompt does not fit a slot, ServerBusy when the queue is full, WorkerStopped after stop()."""
         self.batch.check(request)
-        job = Job(request, loop, time.monotonic() + self.timeout if self.timeout else None)
+        job = Job(request, loop, time.monotonic() + self.timeout if self.timeout else None, sink)
         with self._ready:
             if self._stopping:
                 raise WorkerStopped("the server is shutting down")
@@ -240,9 +253,9 @@ class EngineWorker:
         kept = collections.deque()
         for job in self._waiting:
             if job.cancelled:
-                out.append((job, _END))
+                out.append((job, END))
             elif job.deadline is not None and now >= job.deadline:
-                out += [(job, StreamDelta(0, "", timed_out(job.request))), (job, _END)]
+                out += [(job, StreamDelta(0, "", timed_out(job.request))), (job, END)]
             elif len(admitted) < free and (not admitted or tokens + len(job.request.prompt_ids) <= PREFILL_TOKENS):
                 admitted.append(job)
                 tokens += len(job.request.prompt_ids)
@@ -279,7 +292,7 @@ class EngineWorker:
             out.append((job, StreamDelta(0, job.held, delta.result)))
             job.held, job.handed = "", now
             if delta.result is not None:
-                out.append((job, _END))
+                out.append((job, END))
                 with self._ready:
                     self._running.discard(job)
         return out
@@ -288,7 +301,7 @@ class EngineWorker:
         with self._ready:
             for job in jobs:
                 self._running.discard(job)
-        return [pair for job in jobs for pair in ((job, _Failure(err)), (job, _END))]
+        return [pair for job in jobs for pair in ((job, Failure(err)), (job, END))]
 
 
 def timed_out(request: GenerationRequest) -> GenerationResult:

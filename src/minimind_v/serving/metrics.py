@@ -70,9 +70,8 @@ class ServerMetrics:
             lambda: worker.waiting)
         Gauge("minimind_v_running_batch_size", "Requests in the running decode batch", registry=r).set_function(
             lambda: worker.running)
-        pool = worker.batch.pool
-        Gauge("minimind_v_batch_slots", "Slots of the running batch", registry=r).set(pool.slots)
-        Gauge("minimind_v_kv_pool_bytes", "KV memory of the slots", registry=r).set_function(pool.bytes)
+        Gauge("minimind_v_batch_slots", "Slots of the running batch", registry=r).set(worker.slots)
+        Gauge("minimind_v_kv_pool_bytes", "KV memory of the slots", registry=r).set_function(worker.kv_bytes)
 
     def finished(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)

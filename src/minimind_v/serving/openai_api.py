@@ -10,7 +10,8 @@
 
 A request's path: body (size-bounded, asgi.py; large ones read a few at a time) -> JSON parsed and images decoded
 to pixel values in a small thread pool (image_input.py) -> prompt checked -> one engine worker thread (worker.py:
-continuous batching; a bounded queue, full: 429 server_busy with Retry-After; a request past the time-out: 504).
+continuous batching; a bounded queue, full: 429 server_busy with Retry-After; a request past the time-out: 504), or
+that worker in an engine process of its own (engine_process.py).
 A client that disconnects cancels its request at the next decode step, streaming or not. A stream sends whatever
 text is ready in one event, so a client that reads slowly gets fewer, larger events. Every error is an
 OpenAI-style body {"error": {"message", "type", "param", "code"}}; an error in the middle of a stream ends it with
@@ -46,10 +47,11 @@ DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its cli
 LARGE_BODY = 2**20  # bodies over this many bytes are read a few at a time (ImageDecoder.slots)
 
 
-def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
-    """The app, with its engine worker (app.state.worker) and image decoder; both stop at the app's shutdown."""
-    worker = EngineWorker(engine, settings.max_queue, settings.max_batch, settings.max_len, settings.request_timeout,
-                          warm_up=True)
+def create_app(engine: Engine, settings: ServerSettings, worker=None) -> FastAPI:
+    """The app, with its engine worker (app.state.worker: an EngineWorker thread on `engine` unless `worker`, e.g.
+    an EngineProcess, is given) and image decoder; both stop at the app's shutdown."""
+    worker = worker or EngineWorker(engine, settings.max_queue, settings.max_batch, settings.max_len,
+                                    settings.request_timeout, warm_up=True)
     decoder = ImageDecoder(engine, settings)
     metrics = ServerMetrics(worker)
 

@@ -33,6 +33,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch's threads for the decode step (default on a CPU: one fewer than the cores, so "
                              "the HTTP side keeps one; on a GPU: torch's own)")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
+                        help="decode in a process of its own (the model loaded there, and a copy here for prompts "
+                             "and images): the HTTP side and the decode steps run on two cores instead of taking "
+                             "turns under one interpreter lock")
     parser.add_argument("--no-access-log", action="store_true",
                         help="do not log a line per request (client, path, status, time, tokens) to stderr")
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
