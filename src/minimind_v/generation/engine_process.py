@@ -5,7 +5,8 @@ cores, instead of taking turns under one interpreter lock.
     EngineProcess.submit(request) -> Job  --pipe-->  EngineWorker (worker.py) on the engine `factory()` builds
     Job.cancel()                          --pipe-->  that job cancelled at its next step
     a reader thread hands deltas to jobs  <--pipe--  the worker's deliveries, a batch a message, with the queue
-                                                     length, the running batch and the KV memory
+                                                     length, the running batch and the KV memory (those alone
+                                                     too, within SIZES_INTERVAL_S of a change)
 
 The server keeps an engine of its own for what it does before queueing (the chat template, tokens, image pixel
 values); requests cross as pickles, their images as pixel values. The limits are the worker's: a prompt longer than
@@ -32,6 +33,7 @@ from .worker import END, EngineWorker, Failure, Job, ServerBusy, WorkerStopped, 
 
 logger = logging.getLogger(__name__)
 KNOWN_ERRORS = {cls.__name__: cls for cls in (RequestError, ServerBusy, WorkerStopped)}
+SIZES_INTERVAL_S = 0.05  # the queue length and running batch reach the server at least this often when they change
 
 
 class RemoteJob(Job):
@@ -66,7 +68,10 @@ class EngineProcess:
         self._ready, self._stopping, self._ended = False, False, False
         context = multiprocessing.get_context("spawn")  # never fork a process that holds torch's threads
         self._conn, child = context.Pipe()
-        options = dict(max_queue=max_queue, max_batch=max_batch, max_len=max_len, timeout=timeout, warm_up=warm_up)
+        # the limit is kept here (at most max_batch run, max_queue wait); the worker there may hold them all waiting
+        # for a moment (a burst arrives before it admits any), so its own queue takes both
+        options = dict(max_queue=max_queue + max_batch, max_batch=max_batch, max_len=max_len, timeout=timeout,
+                       warm_up=warm_up)
         self._process = context.Process(target=serve_engine, args=(child, factory, options, threads),
                                         name="minimind-v-engine", daemon=True)
         self._process.start()
@@ -139,6 +144,8 @@ class EngineProcess:
             elif message[0] == "failed":
                 logger.error("the engine process could not start: %s", message[1])
                 break
+            elif message[0] == "sizes":  # ("sizes", waiting, running, kv bytes)
+                self._sizes, self._kv = message[1:3], message[3]
             else:  # ("deliver", [(number, item)], waiting, running, kv bytes)
                 self._sizes, self._kv = message[2:4], message[4]
                 deliver(self._received(message[1]))
@@ -209,11 +216,12 @@ class Relay:
                 self.outbox.put((number, END))
 
     def _send(self) -> None:
-        """Every item waiting, in one message, with the worker's sizes; "ready" once the worker is warm."""
-        announced = False
+        """Every item waiting, in one message, with the worker's sizes (alone when they changed and nothing else
+        was sent for SIZES_INTERVAL_S); "ready" once the worker is warm."""
+        announced, sent = False, None
         while True:
             try:
-                items = [self.outbox.get(timeout=None if announced else 0.05)]
+                items = [self.outbox.get(timeout=SIZES_INTERVAL_S)]
             except queue.Empty:
                 items = []
             if not announced and self.worker.ready:
@@ -223,10 +231,14 @@ class Relay:
                 items.append(self.outbox.get())
             last = None in items
             items = [item for item in items if item is not None]
+            sizes = (self.worker.waiting, self.worker.running, self.worker.kv_bytes())
             if items:
                 with self.lock:
                     wired = [self._wire(number, item) for number, item in items]
-                self.conn.send(("deliver", wired, self.worker.waiting, self.worker.running, self.worker.kv_bytes()))
+                self.conn.send(("deliver", wired, *sizes))
+            elif sizes != sent:
+                self.conn.send(("sizes", *sizes))
+            sent = sizes
             if last:
                 return
 
