@@ -9,9 +9,10 @@ cores, instead of taking turns under one interpreter lock.
                                                      too, within SIZES_INTERVAL_S of a change)
 
 The server keeps an engine of its own for what it does before queueing (the chat template, tokens, image pixel
-values); requests cross as pickles, their images as pixel values. The limits are the worker's: a prompt longer than
-a slot and a full queue are refused at `submit` (the queue from the jobs not ended: at most max_batch run). If the
-engine process dies, every open job ends with an error and `alive` turns false (the server's /ready answers 503).
+values); requests cross as pickles, their images as pixel values. The limits are kept on the server's side: a
+prompt longer than a slot and a full queue are refused at `submit` (the queue: the jobs not ended, less the max_batch
+that run). If the engine process dies, every open job ends with an error and `alive` turns false (the server's
+/ready answers 503).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class EngineProcess:
         # for a moment (a burst arrives before it admits any), so its own queue takes both
         options = dict(max_queue=max_queue + max_batch, max_batch=max_batch, max_len=max_len, timeout=timeout,
                        warm_up=warm_up)
-        self._process = context.Process(target=serve_engine, args=(child, factory, options, threads),
+        self._process = context.Process(target=engine_process_main, args=(child, factory, options, threads),
                                         name="minimind-v-engine", daemon=True)
         self._process.start()
         child.close()
@@ -166,7 +167,7 @@ class EngineProcess:
         return out
 
 
-def serve_engine(conn, factory: Callable[[], Engine], options: dict, threads: int | None) -> None:
+def engine_process_main(conn, factory: Callable[[], Engine], options: dict, threads: int | None) -> None:
     """(the engine process) Build the engine and its worker, then relay until told to stop or the server is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the server stops this one
     if threads is not None:
