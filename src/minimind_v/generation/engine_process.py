@@ -30,7 +30,7 @@ import torch
 
 from .engine import Engine, GenerationRequest, RequestError, StreamDelta
 from .scheduler import fits_a_slot
-from .worker import END, EngineWorker, Failure, Job, ServerBusy, WorkerStopped, deliver
+from .worker import END, EngineWorker, Failure, Job, ServerBusy, WorkerStopped, check_limits, deliver
 
 logger = logging.getLogger(__name__)
 KNOWN_ERRORS = {cls.__name__: cls for cls in (RequestError, ServerBusy, WorkerStopped)}
@@ -58,9 +58,7 @@ class EngineProcess:
     def __init__(self, engine: Engine, factory: Callable[[], Engine], max_queue: int = 64, max_batch: int = 64,
                  max_len: int | None = 2048, timeout: float | None = None, warm_up: bool = False,
                  threads: int | None = None):
-        if max_queue < 0 or max_batch < 1 or (timeout is not None and timeout <= 0):
-            raise ValueError(f"max_queue must be >= 0, max_batch >= 1 and timeout > 0 (got {max_queue}, "
-                             f"{max_batch}, {timeout})")
+        check_limits(max_queue, max_batch, timeout)
         self.engine, self.max_queue, self.max_batch = engine, max_queue, max_batch
         self.max_len = min(max_len or engine.context, engine.context)
         self.slots, self._kv, self._sizes = max_batch, 0, (0, 0)  # (waiting, running) as last reported
@@ -106,9 +104,7 @@ class EngineProcess:
             if not self.alive:
                 raise WorkerStopped("the engine process is not running" if not self._stopping
                                     else "the server is shutting down")
-            waiting = len(self._jobs) - self.max_batch
-            if waiting >= self.max_queue:
-                raise ServerBusy(f"{waiting} requests are already waiting; retry shortly")
+            ServerBusy.check(len(self._jobs) - self.max_batch, self.max_queue)
             job = RemoteJob(request, loop, self, next(self._numbers))
             self._jobs[job.number] = job
         self.send(("submit", job.number, dataclasses.replace(request, cancel=None)))

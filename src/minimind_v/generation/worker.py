@@ -39,6 +39,18 @@ STREAM_INTERVAL_S = 0.05  # a job's text is handed over at most this often (its 
 class ServerBusy(RuntimeError):
     """The worker's queue is full: retry later."""
 
+    @classmethod
+    def check(cls, waiting: int, max_queue: int) -> None:
+        if waiting >= max_queue:
+            raise cls(f"{waiting} requests are already waiting; retry shortly")
+
+
+def check_limits(max_queue: int, max_batch: int, timeout: float | None) -> None:
+    """A worker's limits (queue, batch, time-out), or ValueError."""
+    if max_queue < 0 or max_batch < 1 or (timeout is not None and timeout <= 0):
+        raise ValueError(f"max_queue must be >= 0, max_batch >= 1 and timeout > 0 (got {max_queue}, {max_batch}, "
+                         f"{timeout})")
+
 
 class WorkerStopped(RuntimeError):
     """The worker is stopping or stopped: it takes no more jobs."""
@@ -157,9 +169,7 @@ class EngineWorker:
 
     def __init__(self, engine: Engine, max_queue: int = 64, max_batch: int = 64, max_len: int | None = 2048,
                  timeout: float | None = None, warm_up: bool = False, name: str = "engine-worker"):
-        if max_queue < 0 or max_batch < 1 or (timeout is not None and timeout <= 0):
-            raise ValueError(f"max_queue must be >= 0, max_batch >= 1 and timeout > 0 (got {max_queue}, "
-                             f"{max_batch}, {timeout})")
+        check_limits(max_queue, max_batch, timeout)
         self.engine, self.max_queue, self.timeout = engine, max_queue, timeout
         self.batch = ContinuousBatch(engine, max_batch, max_len)
         self.group = max(1, max_batch // 8)
@@ -209,8 +219,7 @@ class EngineWorker:
             if self._stopping:
                 raise WorkerStopped("the server is shutting down")
             live = collections.deque(job for job in self._waiting if not job.cancelled)
-            if len(live) >= self.max_queue:
-                raise ServerBusy(f"{len(live)} requests are already waiting; retry shortly")
+            ServerBusy.check(len(live), self.max_queue)
             self._waiting = live
             self._waiting.append(job)
             self._ready.notify()
